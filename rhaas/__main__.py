@@ -1,0 +1,3 @@
+from rhaas.cli import main
+
+main()

@@ -1,0 +1,83 @@
+"""Options and helpers shared by the command modules (output, node arguments, the app)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import cached_property
+
+import click
+
+from rhaas.errors import UsageError
+from rhaas.store import Store
+
+
+class App:
+    """What a command needs: the store, the settings, the upstream client (all lazy)."""
+
+    def __init__(self):
+        self.store = Store()
+
+    def snapshot(self):
+        return self.store.snapshot()
+
+    @cached_property
+    def settings(self) -> dict:
+        from rhaas import settings
+
+        return settings.effective(self.snapshot().config())
+
+    def setting(self, key: str):
+        return self.settings[key]
+
+    @cached_property
+    def upstream(self):
+        from rhaas.core.instance import upstream_client
+
+        return upstream_client(self.store)
+
+
+pass_app = click.make_pass_decorator(App, ensure=True)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(f)
+
+
+def quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True, help="Print node names only, one a line.")(f)
+
+
+def dry_run_option(f):
+    return click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")(f)
+
+
+def emit_json(doc) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def expand_nodes(args, complete=False) -> list[str]:
+    """Node arguments: names, nodesets like ``node-[01-16]``, or ``-`` for names on stdin."""
+    out: list[str] = []
+    for arg in args:
+        if arg == "-":
+            for line in sys.stdin.read().split():
+                out.extend(expand_nodes([line]))
+            continue
+        if any(c in arg for c in "[],"):
+            from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+
+            try:
+                out.extend(NodeSet(arg))
+            except NodeSetParseError as exc:
+                raise UsageError(f"invalid node set {arg!r}: {exc}") from None
+            continue
+        out.append(arg)
+    seen = set()
+    uniq = [n for n in out if not (n in seen or seen.add(n))]
+    return uniq
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("RHAAS_PLAIN")
