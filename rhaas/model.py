@@ -113,3 +113,12 @@ def parse_meta_pairs(pairs, what: str) -> dict:
             raise UsageError(f"invalid {what} {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
+
+
+def fingerprint(key_line: str) -> str:
+    """OpenSSH-style SHA256 fingerprint of a public key line."""
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(key_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -1,0 +1,1 @@
+"""Adapters: one protocol or file each (inventory store, HIL client/server, SSH, BMC)."""

@@ -1,0 +1,201 @@
+"""`rhaas lease|free|reconcile|list|show|events`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, json_option, pass_app, quiet_option
+from rhaas.cli.complete import complete_leased, complete_nodes, complete_upstream_free
+from rhaas.cli.output import human_time, phases_text, results, table
+from rhaas.errors import UsageError
+from rhaas.model import public_node
+
+
+@click.command()
+@click.argument("targets", nargs=-1, required=True, metavar="COUNT | NODE...", shell_complete=complete_upstream_free)
+@json_option
+@dry_run_option
+@pass_app
+def lease(app: App, targets, as_json, dry_run):
+    """Lease COUNT free nodes from the upstream, or the named nodes.
+
+    \b
+    Examples:
+      rhaas lease 8
+      rhaas lease node-[01-04]
+      echo node-07 | rhaas lease -
+    """
+    from rhaas.core.lease import lease_nodes
+
+    if len(targets) == 1 and targets[0].isdigit():
+        rows = lease_nodes(app.store, count=int(targets[0]), dry_run=dry_run)
+    else:
+        names = expand_nodes(targets)
+        if not names:
+            raise UsageError("no nodes named")
+        rows = lease_nodes(app.store, names=names, dry_run=dry_run)
+    sys.exit(results(rows, as_json, "lease"))
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True, shell_complete=complete_leased)
+@click.option("--force", is_flag=True, help="Free nodes even if a downstream project holds them.")
+@click.option("--no-standby", is_flag=True, help="Do not return nodes to the standby image first.")
+@json_option
+@dry_run_option
+@pass_app
+def free(app: App, names, force, no_standby, as_json, dry_run):
+    """Return leased nodes to the upstream (networks detached, OBM off, node detached).
+
+    Before release, nodes go back to the standby image by kexec when one is set
+    ('rhaas config set standby-image NAME'), so the next tenant finds a kexec-ready node.
+
+    \b
+    Examples:
+      rhaas free node-01 node-02
+      rhaas list -q | rhaas free -
+    """
+    from rhaas.core.lease import free_nodes
+
+    names = expand_nodes(names)
+    if not names:
+        raise UsageError("no nodes named")
+    before = None
+    if not no_standby and app.setting("standby-image"):
+        from rhaas.core.standby import return_to_standby
+
+        def before(docs):
+            return_to_standby(app.store, app.settings, [d["name"] for d in docs])
+
+    rows = free_nodes(app.store, names, dry_run=dry_run, force=force, parallel=app.setting("parallel"),
+                      before_release=before)
+    sys.exit(results(rows, as_json, "free"))
+
+
+@click.command()
+@json_option
+@dry_run_option
+@pass_app
+def reconcile(app: App, as_json, dry_run):
+    """Compare the inventory with the upstream project and repair drift.
+
+    \b
+    Example:
+      rhaas reconcile --dry-run
+    """
+    from rhaas.core.lease import reconcile as do_reconcile
+
+    changes = do_reconcile(app.store, dry_run=dry_run)
+    if as_json:
+        emit_json(changes)
+    elif changes:
+        table(["node", "change"], [[c["node"], c["change"]] for c in changes])
+    else:
+        click.echo("inventory matches upstream", err=True)
+
+
+@click.command("list")
+@click.option("--available", "which", flag_value="available", help="Only nodes no downstream project holds.")
+@click.option("--assigned", "which", flag_value="assigned", help="Only nodes a downstream project holds.")
+@json_option
+@quiet_option
+@pass_app
+def list_nodes(app: App, which, as_json, quiet):
+    """List nodes in the inventory.
+
+    \b
+    Examples:
+      rhaas list
+      rhaas list --available -q | head -8 | rhaas kexec --image b -
+      rhaas list --json | jq '.[].name'
+    """
+    docs = app.snapshot().nodes()
+    if which == "available":
+        docs = [d for d in docs if not d.get("project")]
+    elif which == "assigned":
+        docs = [d for d in docs if d.get("project")]
+    if quiet:
+        sys.stdout.write("".join(d["name"] + "\n" for d in docs))
+        return
+    if as_json:
+        emit_json([public_node(d) for d in docs])
+        return
+    table(
+        ["node", "state", "project", "status", "image", "last boot", "phases"],
+        [
+            [
+                d["name"],
+                "assigned" if d.get("project") else "available",
+                d.get("project"),
+                d.get("status"),
+                d.get("image"),
+                human_time(d.get("last_boot")),
+                phases_text(d.get("phases")),
+            ]
+            for d in docs
+        ],
+    )
+
+
+@click.command()
+@click.argument("name", shell_complete=complete_nodes)
+@json_option
+@pass_app
+def show(app: App, name, as_json):
+    """Show one node.
+
+    \b
+    Example:
+      rhaas show node-01 --json
+    """
+    doc = app.snapshot().node(name)
+    if doc is None:
+        raise UsageError(f"unknown node: {name} (see 'rhaas list')")
+    pub = public_node(doc)
+    if as_json:
+        emit_json(pub)
+        return
+    for key, value in pub.items():
+        if key == "last_boot":
+            value = human_time(value)
+        elif key == "phases":
+            value = phases_text(value)
+        elif isinstance(value, (list, dict)):
+            import json
+
+            value = json.dumps(value, sort_keys=True)
+        click.echo(f"{key + ':':15} {'-' if value in (None, '') else value}")
+
+
+@click.command()
+@click.argument("node", required=False, shell_complete=complete_nodes)
+@click.option("-n", "--limit", type=int, default=50, show_default=True, help="Newest N events (0: all).")
+@json_option
+@pass_app
+def events(app: App, node, limit, as_json):
+    """Show the event log, optionally for one node.
+
+    \b
+    Example:
+      rhaas events node-01 -n 10
+    """
+    evs = app.snapshot().events()
+    if node:
+        evs = [e for e in evs if e.get("node") == node]
+    if limit:
+        evs = evs[-limit:]
+    if as_json:
+        emit_json(evs)
+        return
+    import json
+
+    table(
+        ["time", "actor", "action", "node", "outcome", "detail"],
+        [
+            [human_time(e["time"]), e.get("actor"), e["action"], e.get("node"), e.get("outcome"),
+             json.dumps(e.get("detail"), sort_keys=True) if e.get("detail") else None]
+            for e in evs
+        ],
+    )

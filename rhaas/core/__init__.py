@@ -1,0 +1,1 @@
+"""Policy: leasing, freeing, reconciling, networking, power routing and kexec provisioning."""

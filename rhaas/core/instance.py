@@ -1,0 +1,96 @@
+"""This instance: root (owns hardware) or derived (leases from an upstream HaaS)."""
+
+from __future__ import annotations
+
+import os
+
+from rhaas import settings as settings_mod
+from rhaas.errors import RhaasError, UsageError
+from rhaas.store import Store
+
+SECRET_KEYS = {"upstream-password"}  # kept in the 0600 store, never listed or printed
+
+
+def is_derived(view) -> bool:
+    return bool(view.config().get("upstream"))
+
+
+def upstream_password(view) -> str | None:
+    return os.environ.get("RHAAS_UPSTREAM_PASSWORD") or view.config().get("upstream-password")
+
+
+def upstream_client(store: Store):
+    from rhaas.adapters.hil import HILClient
+
+    view = store.snapshot()
+    stored = view.config()
+    url, _ = settings_mod.resolve(stored, "upstream")
+    if not url:
+        raise UsageError("this is a root instance: it has no upstream (run 'rhaas init --upstream URL ...')")
+    user, _ = settings_mod.resolve(stored, "user")
+    timeout, _ = settings_mod.resolve(stored, "upstream-timeout")
+    return HILClient(url, user, upstream_password(view), timeout=timeout)
+
+
+def require_project(view) -> str:
+    project, _ = settings_mod.resolve(view.config(), "project")
+    if not project:
+        raise UsageError("no upstream project configured (rhaas config set project P)")
+    return project
+
+
+def init_instance(store: Store, upstream: str | None, project: str | None, user: str | None, password: str | None,
+                  check=True) -> str:
+    """Create the inventory. For a derived instance, prove the credentials first."""
+    if store.exists():
+        raise UsageError(f"an instance already exists at {store.home}; use 'rhaas config set' to change it")
+    if upstream:
+        from rhaas.adapters.hil import HILClient
+
+        if not project or not user:
+            raise UsageError("a derived instance needs --project and --user with --upstream")
+        client = HILClient(upstream, user, password, timeout=float(os.environ.get("RHAAS_UPSTREAM_TIMEOUT") or 15))
+        if check:
+            # lists our project's nodes: proves the URL, the credentials and the membership
+            client.project_nodes(project)
+    elif project or user:
+        raise UsageError("--project and --user only make sense with --upstream")
+    store.create()
+    with store.transaction() as tx:
+        if upstream:
+            tx.set_config("upstream", upstream.rstrip("/"))
+            tx.set_config("project", project)
+            tx.set_config("user", user)
+            if password is not None:
+                tx.set_config("upstream-password", password)
+        tx.event("init", outcome="ok", mode="derived" if upstream else "root")
+    try:
+        from rhaas.adapters.ssh import ensure_client_key
+
+        ensure_client_key(store.home)
+    except ImportError:
+        pass
+    return "derived" if upstream else "root"
+
+
+class NodeResult(dict):
+    """Per-node outcome: {"node", "outcome" (ok|failed|skipped), "reason"}."""
+
+    @classmethod
+    def ok(cls, node, **kw):
+        return cls(node=node, outcome="ok", reason=None, **kw)
+
+    @classmethod
+    def failed(cls, node, reason, **kw):
+        return cls(node=node, outcome="failed", reason=str(reason), **kw)
+
+
+def require_nodes(view, names) -> list[dict]:
+    missing = [n for n in names if view.node(n) is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UsageError(f"unknown node{'s' if len(missing) > 1 else ''}: {shown} (see 'rhaas list')")
+    return [view.node(n) for n in names]
+
+
+__all__ = ["RhaasError", "init_instance", "upstream_client", "is_derived", "require_nodes", "NodeResult"]
