@@ -1,0 +1,532 @@
+"""QEMU nodes for the lab: start, stop, reset, and wait for SSH.
+
+Each VM lives in its own *node directory* holding:
+
+``vm.json``       static configuration (:class:`VMConfig`)
+``bootdev``       boot device last set (``pxe``, ``default``, ``none``, ...)
+``disk-image``    optional: image id that "disk" boots (see :meth:`VM.disk_image`)
+``running.json``  what the current QEMU process was started with
+``qemu.pid``      QEMU's own pidfile; ``monitor.sock`` its HMP monitor
+``console.log``   serial console (appended across restarts)
+``qemu.log``      QEMU's stderr; ``lock`` serialises power operations
+
+Boot device -> image: ``pxe`` boots the standby image; anything else is a
+"disk" boot and boots :meth:`VM.disk_image`: the id in ``disk-image`` if that
+file exists (written by :meth:`VM.set_disk_image`), otherwise the image the
+node last reported running (last ``RHAAS-READY image=...`` line on its
+console, i.e. whatever was last kexec'd counts as installed), otherwise the
+standby image.
+
+QEMU boots the kernel directly (``-kernel/-initrd``); firmware time is
+modelled with SeaBIOS' boot menu wait (``-boot menu=on,splash-time=MS``), so
+power-on and reset pay it while kexec does not.
+
+This module must stay importable on its own (the chassis-control script loads
+it by path, without the ``rhaas`` package), so it only imports the standard
+library at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+QEMU_BINARY = "qemu-system-x86_64"
+DEFAULT_CMDLINE = "console=ttyS0 quiet panic=5"
+READY_RE = re.compile(rb"RHAAS-READY image=(\S+)")
+
+
+class LabError(RuntimeError):
+    """Something in the lab failed."""
+
+
+class MissingToolError(LabError):
+    """A host program the lab needs is not installed."""
+
+
+def require_tool(name: str, package: str) -> str:
+    """Absolute path of ``name`` or a :class:`MissingToolError` naming the Debian package."""
+    path = shutil.which(name)
+    if not path:
+        raise MissingToolError(
+            f"{name} not found on PATH: install the Debian package {package} "
+            f"(apt-get install -y --no-install-recommends {package})")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# process helpers (PIDs we started; never by name)
+# ---------------------------------------------------------------------------
+
+def pid_alive(pid: int | None) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return False
+    state = data[data.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"")
+
+
+def pid_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def pid_matches(pid: int | None, marker: str) -> bool:
+    """True if ``pid`` is alive and its command line mentions ``marker``."""
+    if not pid_alive(pid):
+        return False
+    return any(marker in arg for arg in pid_cmdline(pid))  # type: ignore[arg-type]
+
+
+def kill_pid(pid: int | None, marker: str, timeout: float = 5.0) -> bool:
+    """SIGTERM then SIGKILL ``pid``, only if it still matches ``marker``.
+
+    Returns True if a matching process was found (and is now gone).
+    """
+    if not pid_matches(pid, marker):
+        return False
+    assert pid is not None
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                _reap(pid)
+                return True
+            time.sleep(0.02)
+    if pid_alive(pid):
+        raise LabError(f"process {pid} did not die")
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if ``pid`` happens to be our child (no zombie left)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def read_pidfile(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def free_port(kind: int = socket.SOCK_STREAM, avoid: set[int] | None = None) -> int:
+    """A currently free loopback port (TCP by default, UDP with SOCK_DGRAM)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not avoid or port not in avoid:
+            if avoid is not None:
+                avoid.add(port)
+            return port
+    raise LabError("no free port found")
+
+
+def mac_for(name: str, salt: str = "") -> str:
+    """Stable locally administered MAC in QEMU's 52:54:00 range."""
+    import hashlib
+    h = hashlib.sha256(f"{salt}/{name}".encode()).digest()
+    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+
+
+# ---------------------------------------------------------------------------
+# the VM
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class VMConfig:
+    name: str
+    node_dir: str
+    ssh_port: int
+    mac: str
+    kernel: str
+    initrds: dict[str, str]
+    standby_image: str = "standby"
+    memory_mb: int = 256
+    firmware_delay_ms: int = 0
+    cmdline: str = DEFAULT_CMDLINE
+    qemu: str = QEMU_BINARY
+
+    @classmethod
+    def load(cls, path: Path) -> "VMConfig":
+        data = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+class VM:
+    """One QEMU node, controlled through the files in its node directory."""
+
+    def __init__(self, node_dir: str | os.PathLike):
+        self.dir = Path(node_dir).resolve()
+        self.config = VMConfig.load(self.dir / "vm.json")
+
+    # -- creation ---------------------------------------------------------
+    @classmethod
+    def create(cls, config: VMConfig, boot_device: str = "pxe") -> "VM":
+        d = Path(config.node_dir).resolve()
+        if any(c in str(d) for c in " \t\n'\""):
+            raise LabError(f"node directory must not contain blanks or quotes: {d}")
+        d.mkdir(parents=True, exist_ok=True)
+        config.node_dir = str(d)
+        _atomic_write_text(d / "vm.json", json.dumps(dataclasses.asdict(config), indent=2))
+        _atomic_write_text(d / "bootdev", boot_device + "\n")
+        return cls(d)
+
+    # -- paths ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def monitor(self) -> Path:
+        return self.dir / "monitor.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def ssh_port(self) -> int:
+        return self.config.ssh_port
+
+    @contextlib.contextmanager
+    def _lock(self):
+        with open(self.dir / "lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    # -- boot device / image selection -------------------------------------
+    def boot_device(self) -> str:
+        try:
+            return (self.dir / "bootdev").read_text().strip() or "pxe"
+        except OSError:
+            return "pxe"
+
+    def set_boot_device(self, device: str) -> None:
+        _atomic_write_text(self.dir / "bootdev", device.strip() + "\n")
+
+    def set_disk_image(self, image_id: str | None) -> None:
+        """Pin what a disk boot starts (``None`` returns to the console-log rule)."""
+        p = self.dir / "disk-image"
+        if image_id is None:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            return
+        if image_id not in self.config.initrds:
+            raise LabError(f"unknown image {image_id!r}; have {sorted(self.config.initrds)}")
+        _atomic_write_text(p, image_id + "\n")
+
+    def last_reported_image(self) -> str | None:
+        """Image id of the last ``RHAAS-READY`` line on the console."""
+        try:
+            with open(self.console_log, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - 512 * 1024))
+                data = fh.read()
+        except OSError:
+            return None
+        found = READY_RE.findall(data)
+        return found[-1].decode() if found else None
+
+    def disk_image(self) -> str:
+        with contextlib.suppress(OSError):
+            pinned = (self.dir / "disk-image").read_text().strip()
+            if pinned in self.config.initrds:
+                return pinned
+        last = self.last_reported_image()
+        if last in self.config.initrds:
+            return last  # type: ignore[return-value]
+        return self.config.standby_image
+
+    def image_for_boot(self) -> str:
+        return self.config.standby_image if self.boot_device() == "pxe" else self.disk_image()
+
+    # -- state ------------------------------------------------------------
+    def pid(self) -> int | None:
+        """PID of our QEMU if it is running (verified against /proc)."""
+        pid = read_pidfile(self.pidfile)
+        return pid if pid_matches(pid, str(self.dir)) else None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def running_info(self) -> dict | None:
+        """What the current QEMU was started with (image, nonce, ...) or None."""
+        if not self.is_running():
+            return None
+        try:
+            return json.loads((self.dir / "running.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- power ------------------------------------------------------------
+    def qemu_argv(self, image_id: str, nonce: str) -> list[str]:
+        c = self.config
+        d = self.dir
+        argv = [
+            c.qemu, "-name", f"{c.name},process=rhaas-lab-{c.name}",
+            "-accel", "tcg,tb-size=256", "-cpu", "max", "-machine", "q35",
+            "-m", str(c.memory_mb), "-smp", "1",
+            "-display", "none", "-nodefaults", "-no-user-config",
+            "-chardev", f"file,id=ser0,path={d / 'console.log'},append=on",
+            "-serial", "chardev:ser0",
+            "-monitor", f"unix:{self.monitor},server=on,wait=off",
+            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{c.ssh_port}-:22",
+            "-device", f"virtio-net-pci,netdev=n0,mac={c.mac}",
+            "-device", "virtio-rng-pci",
+            "-kernel", c.kernel,
+            "-initrd", c.initrds[image_id],
+            "-append", f"{c.cmdline} rhaas.nonce={nonce}",
+            "-pidfile", str(self.pidfile),
+            "-daemonize",
+        ]
+        if c.firmware_delay_ms > 0:
+            argv[argv.index("-kernel"):argv.index("-kernel")] = [
+                "-boot", f"menu=on,splash-time={int(c.firmware_delay_ms)}"]
+        return argv
+
+    def start(self, image_id: str | None = None) -> int:
+        """Power on: boot ``image_id`` (default: what the boot device selects)."""
+        with self._lock():
+            return self._start(image_id)
+
+    def _start(self, image_id: str | None) -> int:
+        pid = self.pid()
+        if pid:
+            return pid
+        image_id = image_id or self.image_for_boot()
+        if image_id not in self.config.initrds:
+            raise LabError(f"{self.name}: unknown image {image_id!r}")
+        require_tool(self.config.qemu, "qemu-system-x86")
+        for stale in (self.pidfile, self.monitor):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        nonce = secrets.token_hex(6)
+        argv = self.qemu_argv(image_id, nonce)
+        with open(self.dir / "qemu.log", "ab") as log:
+            log.write(f"--- {time.strftime('%F %T')} start image={image_id}\n".encode())
+            log.flush()
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                  cwd=self.dir, timeout=60)
+        if proc.returncode != 0:
+            raise LabError(f"{self.name}: qemu failed to start (rc={proc.returncode}): "
+                           + self._tail(self.dir / "qemu.log"))
+        pid = read_pidfile(self.pidfile)
+        if not pid_matches(pid, str(self.dir)):
+            raise LabError(f"{self.name}: qemu started but pidfile {self.pidfile} is not usable")
+        assert pid is not None
+        info = {"pid": pid, "image": image_id, "initrd": self.config.initrds[image_id],
+                "nonce": nonce, "boot_device": self.boot_device(),
+                "started_at": time.time(), "resets": 0}
+        _atomic_write_text(self.dir / "running.json", json.dumps(info, indent=2))
+        return pid
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Power off (SIGTERM, then SIGKILL). Returns True if it was running."""
+        with self._lock():
+            return self._stop(timeout)
+
+    def _stop(self, timeout: float) -> bool:
+        pid = read_pidfile(self.pidfile)
+        was = kill_pid(pid, str(self.dir), timeout=timeout)
+        for stale in (self.pidfile, self.monitor):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        return was
+
+    def reset(self) -> bool:
+        """Hard reset honouring the boot device.
+
+        If the boot device selects the image QEMU was started with, this is
+        an HMP ``system_reset``; otherwise the VM is stopped and started with
+        the new image.  Returns False (and does nothing) if powered off.
+        """
+        with self._lock():
+            info = self.running_info()
+            if info is None:
+                return False
+            target = self.image_for_boot()
+            if target == info.get("image"):
+                self.hmp("system_reset")
+                info["resets"] = int(info.get("resets", 0)) + 1
+                info["reset_at"] = time.time()
+                _atomic_write_text(self.dir / "running.json", json.dumps(info, indent=2))
+            else:
+                self._stop(timeout=2.0)
+                self._start(target)
+            return True
+
+    def power_cycle(self, off_seconds: float = 0.0) -> int:
+        with self._lock():
+            self._stop(timeout=2.0)
+            if off_seconds:
+                time.sleep(off_seconds)
+            return self._start(None)
+
+    # -- monitor ----------------------------------------------------------
+    def hmp(self, command: str, timeout: float = 5.0) -> str:
+        """Run one human-monitor command and return its (raw) output."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.monitor))
+            buf = b""
+            while not buf.endswith(b"(qemu) "):
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise LabError(f"{self.name}: monitor closed")
+                buf += chunk
+            s.sendall(command.encode() + b"\n")
+            out = b""
+            while not out.endswith(b"(qemu) "):
+                try:
+                    chunk = s.recv(4096)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode(errors="replace"))
+        return text.rsplit("(qemu)", 1)[0].strip()
+
+    # -- diagnostics ------------------------------------------------------
+    @staticmethod
+    def _tail(path: Path, n: int = 2000) -> str:
+        try:
+            return path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def console_tail(self, n: int = 2000) -> str:
+        return self._tail(self.console_log, n)
+
+    def wait_ready(self, key_file: str | os.PathLike, host_key: str, timeout: float = 120.0,
+                   until: Callable[[str], bool] | None = None,
+                   command: str = "cat /proc/sys/kernel/random/boot_id") -> str:
+        """:func:`wait_ssh_ready` for this VM; the console tail is added on timeout."""
+        try:
+            return wait_ssh_ready(self.ssh_port, timeout, key_file=key_file, host_key=host_key,
+                                  until=until, command=command)
+        except TimeoutError as e:
+            raise TimeoutError(f"{self.name}: {e}\n--- console tail ---\n"
+                               f"{self.console_tail()}") from None
+
+
+# ---------------------------------------------------------------------------
+# SSH helpers (paramiko imported lazily)
+# ---------------------------------------------------------------------------
+
+def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
+    """True if something on ``host:port`` sends an ``SSH-`` banner promptly.
+
+    slirp accepts TCP before the guest is up, so a connect alone proves nothing.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def ssh_connect(port: int, key_file: str | os.PathLike, host_key: str,
+                host: str = "127.0.0.1", user: str = "root", timeout: float = 10.0):
+    """paramiko SSHClient with the host key pinned (RejectPolicy; no agent, no key search)."""
+    import paramiko
+
+    client = paramiko.SSHClient()
+    keytype, b64 = host_key.split()[:2]
+    entry = paramiko.hostkeys.HostKeyEntry.from_line(
+        f"{host if port == 22 else f'[{host}]:{port}'} {keytype} {b64}")
+    if entry is None:
+        raise LabError(f"cannot parse host key {host_key!r}")
+    client.get_host_keys().add(entry.hostnames[0], keytype, entry.key)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(host, port=port, username=user, key_filename=str(key_file),
+                   look_for_keys=False, allow_agent=False, timeout=timeout,
+                   banner_timeout=timeout, auth_timeout=timeout)
+    return client
+
+
+def ssh_run(client, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run ``command``; return (exit status, stdout, stderr)."""
+    _stdin, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode(errors="replace")
+    err = stderr.read().decode(errors="replace")
+    return stdout.channel.recv_exit_status(), out, err
+
+
+def wait_ssh_ready(port: int, timeout: float, *, key_file: str | os.PathLike, host_key: str,
+                   host: str = "127.0.0.1", user: str = "root",
+                   command: str = "cat /proc/sys/kernel/random/boot_id",
+                   until: Callable[[str], bool] | None = None) -> str:
+    """Wait for an ``SSH-`` banner, then for ``command`` to succeed over SSH.
+
+    If ``until`` is given, keep polling until ``until(stdout)`` is true (e.g.
+    the boot id changed after a kexec).  Returns the command's stdout.
+    """
+    deadline = time.monotonic() + timeout
+    last_err: object = "no SSH banner"
+    while time.monotonic() < deadline:
+        if not ssh_banner(port, host):
+            time.sleep(0.05)
+            continue
+        try:
+            client = ssh_connect(port, key_file, host_key, host=host, user=user,
+                                 timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+            try:
+                rc, out, err = ssh_run(client, command, timeout=30)
+            finally:
+                client.close()
+        except Exception as e:  # noqa: BLE001 - guest may vanish mid-handshake
+            if type(e).__name__ == "BadHostKeyException":
+                raise
+            last_err = f"{type(e).__name__}: {e}"
+            time.sleep(0.2)
+            continue
+        if rc == 0 and (until is None or until(out)):
+            return out
+        last_err = f"command rc={rc} out={out.strip()[:200]!r} err={err.strip()[:200]!r}"
+        time.sleep(0.2)
+    raise TimeoutError(f"SSH on {host}:{port} not ready after {timeout:.0f}s ({last_err})")
