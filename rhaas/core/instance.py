@@ -64,12 +64,6 @@ def init_instance(store: Store, upstream: str | None, project: str | None, user:
             if password is not None:
                 tx.set_config("upstream-password", password)
         tx.event("init", outcome="ok", mode="derived" if upstream else "root")
-    try:
-        from rhaas.adapters.ssh import ensure_client_key
-
-        ensure_client_key(store.home)
-    except ImportError:
-        pass
     return "derived" if upstream else "root"
 
 

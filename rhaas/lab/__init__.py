@@ -1,0 +1,19 @@
+"""Local virtual datacenter for rhaas: QEMU nodes that really kexec, behind ipmi_sim BMCs.
+
+Public API::
+
+    from rhaas.lab import Lab, up, down, status, build_guest, make_overlay
+
+See :mod:`rhaas.lab.lab` (Lab, lab.json), :mod:`rhaas.lab.guest` (images),
+:mod:`rhaas.lab.vm` (QEMU), :mod:`rhaas.lab.bmc` (ipmi_sim).
+"""
+
+from .guest import GuestImages, build_guest, default_cache_dir, make_overlay
+from .lab import Lab, LabNode, check_host_tools, down, status, up
+from .vm import VM, LabError, MissingToolError, wait_ssh_ready
+
+__all__ = [
+    "GuestImages", "Lab", "LabError", "LabNode", "MissingToolError", "VM",
+    "build_guest", "check_host_tools", "default_cache_dir", "down", "make_overlay",
+    "status", "up", "wait_ssh_ready",
+]

@@ -115,7 +115,7 @@ set_working_mc 0x20
 
     def pid(self) -> int | None:
         pid = read_pidfile(self.pidfile)
-        return pid if pid_matches(pid, str(self.dir)) else None
+        return pid if pid_matches(pid, str(self.lan_conf)) else None
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -139,11 +139,11 @@ set_working_mc 0x20
             if rmcp_ping(self.port, timeout=0.2):
                 return proc.pid
             time.sleep(0.05)
-        kill_pid(proc.pid, str(self.dir))
+        kill_pid(proc.pid, str(self.lan_conf))
         raise LabError(f"ipmi_sim on UDP 127.0.0.1:{self.port} did not answer RMCP ping")
 
     def stop(self, timeout: float = 5.0) -> bool:
-        was = kill_pid(read_pidfile(self.pidfile), str(self.dir), timeout=timeout)
+        was = kill_pid(read_pidfile(self.pidfile), str(self.lan_conf), timeout=timeout)
         with contextlib.suppress(FileNotFoundError):
             self.pidfile.unlink()
         return was

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Union
 
+from .vm import LabError
+
 #: Bump when the image layout / scripts change, to invalidate caches.
 RECIPE_VERSION = "3"
 
@@ -87,7 +89,7 @@ LIBDIR = "usr/lib/x86_64-linux-gnu"
 Log = Callable[[str], None]
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(LabError):
     """Raised when the guest image cannot be built."""
 
 

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -195,7 +196,6 @@ class Lab:
             name = f"lab-{i:02d}"
             node_dir = d / "nodes" / name
             ssh_port = free_port(avoid=used)
-            import socket
             ipmi_port = free_port(socket.SOCK_DGRAM, avoid=used)
             cfg = VMConfig(name=name, node_dir=str(node_dir), ssh_port=ssh_port,
                            mac=mac_for(name, str(d)), kernel=str(images.kernel),

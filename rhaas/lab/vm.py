@@ -216,6 +216,11 @@ class VM:
         return self.dir / "qemu.pid"
 
     @property
+    def marker(self) -> str:
+        """String that only our QEMU's command line contains (its pidfile path)."""
+        return str(self.pidfile)
+
+    @property
     def monitor(self) -> Path:
         return self.dir / "monitor.sock"
 
@@ -287,7 +292,7 @@ class VM:
     def pid(self) -> int | None:
         """PID of our QEMU if it is running (verified against /proc)."""
         pid = read_pidfile(self.pidfile)
-        return pid if pid_matches(pid, str(self.dir)) else None
+        return pid if pid_matches(pid, self.marker) else None
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -340,6 +345,9 @@ class VM:
         if image_id not in self.config.initrds:
             raise LabError(f"{self.name}: unknown image {image_id!r}")
         require_tool(self.config.qemu, "qemu-system-x86")
+        if len(str(self.monitor).encode()) > 100:
+            raise LabError(f"{self.name}: node directory path too long for a unix socket "
+                           f"({self.monitor}); use a shorter lab directory")
         for stale in (self.pidfile, self.monitor):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -354,7 +362,7 @@ class VM:
             raise LabError(f"{self.name}: qemu failed to start (rc={proc.returncode}): "
                            + self._tail(self.dir / "qemu.log"))
         pid = read_pidfile(self.pidfile)
-        if not pid_matches(pid, str(self.dir)):
+        if not pid_matches(pid, self.marker):
             raise LabError(f"{self.name}: qemu started but pidfile {self.pidfile} is not usable")
         assert pid is not None
         info = {"pid": pid, "image": image_id, "initrd": self.config.initrds[image_id],
@@ -370,7 +378,7 @@ class VM:
 
     def _stop(self, timeout: float) -> bool:
         pid = read_pidfile(self.pidfile)
-        was = kill_pid(pid, str(self.dir), timeout=timeout)
+        was = kill_pid(pid, self.marker, timeout=timeout)
         for stale in (self.pidfile, self.monitor):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()

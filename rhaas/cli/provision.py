@@ -1,0 +1,317 @@
+"""`rhaas image` and `rhaas kexec`: parse, call rhaas.core.images / rhaas.core.kexec, render.
+
+Nothing here touches SSH: paramiko and rich are imported inside the code paths that use them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, is_terminal, json_option, pass_app
+from rhaas.cli.output import phases_text, table
+from rhaas.cli.power import CommandError
+from rhaas.errors import RhaasError, UsageError
+
+OK_OUTCOMES = {"ok", "loaded"}
+
+
+def _fail_on(exc: RhaasError) -> CommandError:
+    return CommandError(str(exc), exc.exit_code)
+
+
+# -- rhaas image ----------------------------------------------------------------------------------
+@click.group()
+def image():
+    """Manage kernel+initrd images (what `rhaas kexec --image` boots).
+
+    \b
+    Examples:
+      rhaas image add debian --kernel ./vmlinuz --initrd ./initrd.gz --append "console=ttyS0 quiet"
+      rhaas image list
+      rhaas image show debian --json
+      rhaas config set standby-image debian
+    """
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@image.command("add")
+@click.argument("name")
+@click.option("--kernel", required=True, metavar="PATH", help="The kernel image (bzImage).")
+@click.option("--initrd", required=True, metavar="PATH", help="The initramfs.")
+@click.option("--append", default="", metavar="ARGS", help="Kernel command line for this image.")
+@click.option("--replace", is_flag=True, help="Overwrite an image of the same name.")
+@json_option
+@pass_app
+def image_add(app: App, name: str, kernel: str, initrd: str, append: str, replace: bool, as_json: bool):
+    """Record an image: absolute paths, sizes and sha256 of its kernel and initrd.
+
+    The files stay where they are; rhaas refuses to send them if they change later.
+    """
+    from rhaas.core import images
+
+    try:
+        img = images.make_image(name, kernel, initrd, append)
+        doc = images.add_image(app.store, img, replace=replace)
+    except RhaasError as exc:
+        raise _fail_on(exc) from None
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"image {name}: kernel {img.kernel.sha256[:12]} ({_size(img.kernel.size)}), "
+                   f"initrd {img.initrd.sha256[:12]} ({_size(img.initrd.size)})")
+
+
+@image.command("list")
+@json_option
+@pass_app
+def image_list(app: App, as_json: bool):
+    """List images."""
+    from rhaas.core import images
+
+    try:
+        docs = images.list_images(app.snapshot())
+        standby = app.setting("standby-image")
+    except RhaasError as exc:
+        raise _fail_on(exc) from None
+    if as_json:
+        emit_json([{**d, "standby": d["name"] == standby} for d in docs])
+        return
+    rows = [
+        [
+            d["name"] + (" (standby)" if d["name"] == standby else ""),
+            d["kernel"]["path"],
+            _size(d["kernel"]["size"]),
+            d["initrd"]["path"],
+            _size(d["initrd"]["size"]),
+            d.get("append") or "",
+        ]
+        for d in docs
+    ]
+    table(["name", "kernel", "kernel size", "initrd", "initrd size", "append"], rows)
+
+
+@image.command("show")
+@click.argument("name")
+@json_option
+@pass_app
+def image_show(app: App, name: str, as_json: bool):
+    """Show one image."""
+    from rhaas.core import images
+
+    try:
+        img = images.get_image(app.snapshot(), name)
+        doc = app.snapshot().get(images.TABLE, name)
+    except RhaasError as exc:
+        raise _fail_on(exc) from None
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"name\t{img.name}")
+    for what, f in (("kernel", img.kernel), ("initrd", img.initrd)):
+        click.echo(f"{what}\t{f.path}\t{f.size}\tsha256:{f.sha256}")
+    click.echo(f"append\t{img.append}")
+
+
+@image.command("rm")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@pass_app
+def image_rm(app: App, names: tuple[str, ...]):
+    """Remove images from the inventory (their files are left alone)."""
+    from rhaas.core import images
+
+    try:
+        images.remove_images(app.store, list(names), standby=app.setting("standby-image"))
+    except RhaasError as exc:
+        raise _fail_on(exc) from None
+    click.echo(f"removed {', '.join(names)}", err=True)
+
+
+# -- rhaas kexec ----------------------------------------------------------------------------------
+@click.command()
+@click.argument("nodes", nargs=-1, required=True, metavar="NODE...")
+@click.option("--image", "image_name", metavar="NAME", help="Image to boot (default: the standby image).")
+@click.option("--kernel", metavar="PATH", help="Boot this kernel instead of a recorded image.")
+@click.option("--initrd", metavar="PATH", help="The initrd that goes with --kernel.")
+@click.option("--append", default=None, metavar="ARGS", help="Kernel arguments with --kernel (passed intact).")
+@click.option("--parallel", type=click.IntRange(min=1), default=None, help="Nodes in flight at once (default: setting 'parallel').")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a node may take to come back after the jump (default: setting 'timeout').")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds for one SSH connect (default: setting 'connect-timeout').")
+@click.option("--no-fallback", is_flag=True, help="Do not power cycle into PXE when kexec fails.")
+@click.option("--load-only", is_flag=True, help="Stage and load only; jump later with --exec.")
+@click.option("--exec", "do_exec", is_flag=True, help="Jump into what --load-only loaded, and verify.")
+@json_option
+@dry_run_option
+@pass_app
+def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout, connect_timeout,
+          no_fallback, load_only, do_exec, as_json, dry_run):
+    """Jump nodes into a new kernel over SSH, and verify they booted it.
+
+    Per node: stage the kernel and initrd in the node's cache (/run/rhaas/<sha256>; nothing
+    is sent twice), add an overlay with rhaas's and the tenant's SSH keys, `kexec -l` with
+    the image's arguments plus rhaas.nonce=<random>, jump, and wait until the node answers
+    with a new boot id and the nonce in /proc/cmdline. A node that fails is set to boot
+    from PXE and power cycled through its BMC or upstream (unless --no-fallback).
+
+    NODE is a name, a node set such as node-[01-16], or '-' to read names from stdin.
+
+    \b
+    Examples:
+      rhaas kexec node-[01-16] --image debian
+      rhaas kexec node-07 --kernel ./vmlinuz --initrd ./initrd.gz --append "console=ttyS0"
+      rhaas kexec node-[01-64] --image debian --load-only && rhaas kexec node-[01-64] --exec
+      rhaas list -q | rhaas kexec - --image debian --json
+
+    Exit status: 0 if every node verified (or loaded, with --load-only); 1 if any node
+    failed or came back only through the fallback (named on stderr); 2 for usage errors.
+    """
+    from rhaas.core import kexec as core
+
+    try:
+        opts, img, name = _kexec_setup(app, image_name, kernel, initrd, append, parallel, timeout,
+                                       connect_timeout, no_fallback, load_only, do_exec)
+        names = expand_nodes(nodes)
+        if dry_run:
+            steps = core.plan(app.snapshot(), names, img, opts, name)
+            _render_plan(steps, as_json)
+            if any(s["reason"] for s in steps):
+                sys.exit(1)
+            return
+        with _Progress(len(names), opts.mode) as progress:
+            results = core.kexec_nodes(app.store, app.settings, names, img, opts, name, on_result=progress.update)
+    except RhaasError as exc:
+        raise _fail_on(exc) from None
+    _render(results, as_json)
+    bad = [r for r in results if r.outcome not in OK_OUTCOMES]
+    if bad:
+        shown = ", ".join(f"{r.node} ({r.outcome})" for r in bad[:20]) + (
+            f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        )
+        click.echo(f"rhaas: kexec did not verify on {len(bad)} of {len(results)} nodes: {shown}", err=True)
+        sys.exit(1)
+
+
+def _kexec_setup(app, image_name, kernel, initrd, append, parallel, timeout, connect_timeout,
+                 no_fallback, load_only, do_exec):
+    from rhaas.core import images
+    from rhaas.core.kexec import KexecOptions, adhoc_image_name
+
+    if load_only and do_exec:
+        raise UsageError("--load-only and --exec exclude each other")
+    if image_name and (kernel or initrd):
+        raise UsageError("give either --image or --kernel/--initrd, not both")
+    if append is not None and not kernel:
+        raise UsageError("--append goes with --kernel/--initrd; an image carries its own arguments")
+    if (kernel or initrd) and not (kernel and initrd):
+        raise UsageError("--kernel and --initrd go together")
+    if append is not None:
+        images.check_append(append)
+    mode = "exec" if do_exec else "load" if load_only else "full"
+    img = name = None
+    if do_exec:
+        if image_name or kernel:
+            raise UsageError("--exec boots what --load-only loaded; it takes no image")
+    elif kernel:
+        img = images.make_image("adhoc", kernel, initrd, append)
+        name = adhoc_image_name(img)
+    else:
+        image_name = image_name or app.setting("standby-image")
+        if not image_name:
+            raise UsageError("give --image NAME or --kernel/--initrd (no standby-image is set)")
+        img = images.get_image(app.snapshot(), image_name)
+        name = img.name
+    s = app.settings
+    connect = float(connect_timeout or s["connect-timeout"])
+    opts = KexecOptions(
+        mode=mode,
+        timeout=float(timeout or s["timeout"]),
+        connect_timeout=connect,
+        command_timeout=max(30.0, 3 * connect),
+        parallel=int(parallel or s["parallel"]),
+        fallback=not no_fallback,
+    )
+    return opts, img, name
+
+
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, mode: str):
+        self.total = total
+        self.mode = mode
+        self.bar = None
+        self.counts = {"ok": 0, "loaded": 0, "fallback": 0, "failed": 0}
+
+    def __enter__(self) -> "_Progress":
+        if sys.stderr.isatty() and self.total > 0:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            # no refresh thread: worker processes are forked while this is open
+            self.bar = Progress(
+                TextColumn("kexec {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), auto_refresh=False, transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self._text(), total=self.total)
+            self.bar.refresh()
+        return self
+
+    def _text(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.counts.items() if v) or self.mode
+
+    def update(self, result) -> None:
+        self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=self._text())
+            self.bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _render(results, as_json: bool) -> None:
+    if as_json:
+        emit_json([r.public() for r in results])
+        return
+    rows = [
+        [r.node, r.outcome, r.image, (r.boot_id or "")[:8] or None, phases_text(r.phases) or None, r.reason]
+        for r in results
+    ]
+    if is_terminal():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(show_edge=False, header_style="bold")
+        for c in ("node", "outcome", "image", "boot id", "phases (s)", "reason"):
+            t.add_column(c, overflow="fold")
+        for row in rows:
+            style = "green" if row[1] in OK_OUTCOMES else "yellow" if row[1] == "fallback" else "red"
+            row[1] = f"[{style}]{row[1]}[/{style}]"
+            t.add_row(*["" if v is None else str(v) for v in row])
+        Console().print(t)
+    else:
+        table(["node", "outcome", "image", "boot_id", "phases", "reason"], rows)
+
+
+def _render_plan(steps: list[dict], as_json: bool) -> None:
+    if as_json:
+        emit_json([{**s, "dry_run": True} for s in steps])
+        return
+    for s in steps:
+        if s["reason"]:
+            click.echo(f"{s['node']}\tcannot kexec\t{s['reason']}")
+        else:
+            verb = {"full": "would kexec", "load": "would load", "exec": "would jump into"}[s["mode"]]
+            click.echo(f"{s['node']}\t{verb}\t{s['image']}\t{s['ssh']}")

@@ -1,0 +1,1 @@
+"""Simulated infrastructure for tests and benchmarks (the SSH node farm)."""
