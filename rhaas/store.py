@@ -227,7 +227,7 @@ class Store:
         self.home = Path(home) if home else default_home()
         self.path = self.home / DB_NAME
         self.lock_path = self.home / LOCK_NAME
-        self._cached: tuple[int, object, dict] | None = None  # (inode, open file, data)
+        self._cached: tuple[int, object, Snapshot] | None = None  # (inode, open file, snapshot)
 
     # -- lifecycle -------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -247,7 +247,7 @@ class Store:
                 self._write_file(data)
 
     # -- reading -----------------------------------------------------------------------------
-    def _load(self, use_cache: bool) -> dict:
+    def _load(self, use_cache: bool):
         try:
             fh = open(self.path, "rb")
         except FileNotFoundError:
@@ -259,7 +259,7 @@ class Store:
             with _cache_lock:
                 if self._cached and self._cached[0] == ino:
                     fh.close()
-                    return self._cached[2]
+                    return self._cached[2]  # the Snapshot, with its node index already built
         try:
             raw = fh.read()
             data = json.loads(raw) if raw else None
@@ -274,18 +274,19 @@ class Store:
             fh.close()
             raise StoreError(f"inventory {self.path} has schema {schema}, this rhaas reads {SCHEMA_VERSION}")
         if use_cache:
+            snap = Snapshot(data)
             with _cache_lock:
                 old = self._cached
-                self._cached = (ino, fh, data)
+                self._cached = (ino, fh, snap)
                 if old:
                     old[1].close()
-        else:
-            fh.close()
+            return snap
+        fh.close()
         return data
 
     def snapshot(self) -> Snapshot:
         """A consistent read-only view, re-read whenever another process wrote."""
-        return Snapshot(self._load(use_cache=True))
+        return self._load(use_cache=True)
 
     # -- writing -----------------------------------------------------------------------------
     @contextmanager

@@ -70,6 +70,7 @@ def dispatch(service: Service, route: protocol.Route, caller: Caller, view, args
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body leave at once: no 40 ms delayed-ACK stall
     server_version = "rhaas"
     sys_version = ""
 

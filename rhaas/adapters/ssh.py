@@ -417,23 +417,30 @@ class Session:
                 except OSError:
                     sftp.stat(path)  # created meanwhile by someone else, or a real error
 
-    def put(self, local: str, remote: str) -> int:
-        """Upload to ``remote`` atomically: a temporary name, then a rename over the target."""
+    def put(self, source: str | bytes, remote: str) -> int:
+        """Upload a local file (path) or ``bytes`` to ``remote`` atomically: a temporary name,
+        then a rename over the target. Returns the bytes sent."""
+        import io
+
         import paramiko
 
         sftp = self.sftp()
         tmp = f"{remote}.part.{os.getpid()}.{threading.get_ident()}"
+        what = "data" if isinstance(source, bytes) else source
         try:
-            attrs = sftp.put(local, tmp, confirm=True)
+            if isinstance(source, bytes):
+                attrs = sftp.putfo(io.BytesIO(source), tmp, file_size=len(source), confirm=True)
+            else:
+                attrs = sftp.put(source, tmp, confirm=True)
             try:
                 sftp.posix_rename(tmp, remote)
             except OSError:
                 sftp.rename(tmp, remote)
             return attrs.st_size or 0
         except (socket.timeout, TimeoutError):
-            raise CommandTimeout(f"{self.endpoint.node}: upload of {local} stalled") from None
+            raise CommandTimeout(f"{self.endpoint.node}: upload of {what} stalled") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise SSHError(f"{self.endpoint.node}: upload of {local} failed: {_why(exc)}") from None
+            raise SSHError(f"{self.endpoint.node}: upload of {what} failed: {_why(exc)}") from None
 
 
 def open_session(

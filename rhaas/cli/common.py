@@ -54,7 +54,13 @@ def dry_run_option(f):
 
 
 def emit_json(doc) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    """JSON on stdout. A list prints one element a line: C-encoder fast for 10k nodes, and
+    still readable and greppable."""
+    if isinstance(doc, list):
+        body = ",\n".join(json.dumps(item, sort_keys=True, default=str) for item in doc)
+        sys.stdout.write("[\n" + body + "\n]\n" if doc else "[]\n")
+    else:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
 def expand_nodes(args, complete=False) -> list[str]:
