@@ -982,6 +982,96 @@ class Farm:
             pass
 
 
+# -- starting a farm from another process (tests, benchmarks) ------------------------------------------
+class FarmProcess:
+    """A running farm started by :func:`launch`; stop it with :meth:`stop` (by its PID)."""
+
+    def __init__(self, directory: Path, proc, nodes: list[dict], port: int, base: str):
+        self.dir = directory
+        self.proc = proc
+        self.nodes = nodes  # farm.json entries: name, ssh, host_key, root
+        self.port = port
+        self.base = base
+
+    @property
+    def names(self) -> list[str]:
+        return [n["name"] for n in self.nodes]
+
+    def node(self, name: str) -> dict:
+        return next(n for n in self.nodes if n["name"] == name)
+
+    def state(self, name: str) -> dict:
+        """What the node reports: up, boot_id, cmdline, loaded, boots."""
+        return json.loads((self.dir / "state" / f"{name}.json").read_text())
+
+    def set_faults(self, faults: dict) -> None:
+        _write_json(self.dir / "faults.json", faults)
+
+    def commands(self) -> list[tuple[str, str]]:
+        """(node, command) for every command run so far (with ``log_commands``), oldest first."""
+        import ast
+
+        path = self.dir / "commands.log"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            node, _, cmd = line.partition("\t")
+            out.append((node, ast.literal_eval(cmd)))
+        return out
+
+    def wait_up(self, names, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.state(n)["up"] for n in names):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"nodes not up after {timeout}s: {[n for n in names if not self.state(n)['up']]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def launch(directory: Path, nodes: int, authorized_keys: Path, down_time: float = 0.5,
+           log_commands: bool = False, timeout: float = 120.0, tries: int = 5) -> FarmProcess:
+    """Start a farm subprocess on a random free port and 127.X.0.0/16 block; wait for READY."""
+    import random
+    import subprocess
+    import threading
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    last = ""
+    for _ in range(tries):
+        port = random.randint(20000, 60000)
+        base = f"127.{random.randint(100, 250)}.0.0"
+        cmd = [sys.executable, "-m", "rhaas.sim.farm", "--nodes", str(nodes), "--dir", str(directory),
+               "--port", str(port), "--base", base, "--down-time", str(down_time),
+               "--authorized-keys", str(authorized_keys)]
+        if log_commands:
+            cmd.append("--log-commands")
+        with open(directory / "farm.err", "w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if line and line[0].startswith("READY"):
+            doc = json.loads((directory / "farm.json").read_text())
+            return FarmProcess(directory, proc, doc["nodes"], port, base)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        last = (directory / "farm.err").read_text()
+    raise RuntimeError(f"the node farm did not start: {last[-2000:]}")
+
+
 def _write_json(path: Path, doc, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
