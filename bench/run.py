@@ -160,6 +160,13 @@ def bench_serve_and_lease(tmp: Path) -> None:
             report("ratio.hil_rehash_vs_serve_get", hil_ms / (statistics.median(lat[1:]) * 1000))
         except ImportError:
             pass
+    finally:
+        served.stop()
+    # a 1,000-node lease from a base of 1,200 (each connect_node is one write at the base)
+    base = tmp / "base"
+    make_root(base, 1200, users=(("admin", "adminpw", True, ()), ("alice", "pw", False, ("p1",))), projects=("p1",))
+    served = Serve(base)
+    try:
         d1 = tmp / "d1"
         rhaas(d1, "init", "--upstream", served.url, "--project", "p1", "--user", "alice",
               extra={"RHAAS_UPSTREAM_PASSWORD": "pw"})
@@ -168,6 +175,7 @@ def bench_serve_and_lease(tmp: Path) -> None:
         rhaas(d1, "lease", "1000", extra={"RHAAS_UPSTREAM_PASSWORD": "pw"})
         report("lease.1000_nodes_wall_s", time.perf_counter() - t0)
         report("lease.writes_for_1000_nodes", Store(d1).snapshot().writes - before)
+        report("lease.nodes_held_after", len(Store(d1).snapshot().nodes()))
         # two levels: d1 serves the nodes it leased; d2 leases from d1
         rhaas(d1, "project", "add", "p2")
         rhaas(d1, "user", "add", "bob", "--project", "p2", "--password-stdin", stdin="pw2\n")

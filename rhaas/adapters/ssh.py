@@ -266,6 +266,16 @@ def _why(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _quiet_paramiko() -> None:
+    """paramiko's transport threads log tracebacks for dropped connections; rhaas reports
+    each failure as one line itself, so keep them off stderr (unless logging is set up)."""
+    import logging
+
+    log = logging.getLogger("paramiko")
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+
+
 class _KeyCache:
     """Decoded public keys, shared by the threads of one process (a verify reconnect reuses them)."""
 
@@ -452,6 +462,7 @@ def open_session(
     """Connect and authenticate with strict host key checking; raise an SSHError subclass."""
     import paramiko
 
+    _quiet_paramiko()
     node, addr = endpoint.node, endpoint.address
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())

@@ -79,13 +79,18 @@ class BMC:
 
     @classmethod
     def create(cls, name: str, bmc_dir: str | os.PathLike, port: int, password: str,
-               node_dir: str | os.PathLike, python: str | None = None) -> "BMC":
+               node_dir: str | os.PathLike, python: str | None = None,
+               script: str | os.PathLike | None = None) -> "BMC":
+        """Write the BMC's files.  ``script`` replaces the VM chassis script (e.g.
+        :mod:`rhaas.lab.simchassis` for a state-only BMC); it is run as
+        ``python SCRIPT NODE_DIR get|set ...``."""
         d = Path(bmc_dir).resolve()
         d.mkdir(parents=True, exist_ok=True)
         (d / "state").mkdir(exist_ok=True)
         python = python or sys.executable
         node_dir = str(Path(node_dir).resolve())
-        for part in (python, str(CHASSIS_SCRIPT), node_dir):
+        script = str(Path(script).resolve()) if script else str(CHASSIS_SCRIPT)
+        for part in (python, script, node_dir):
             if any(c in part for c in " \t\n'\""):
                 raise LabError(f"path unusable in ipmi_sim's chassis_control: {part!r}")
         if not password.isalnum() or len(password) > 16:
@@ -104,7 +109,7 @@ set_working_mc 0x20
     allowed_auths_admin {auths}
     guid {guid}
   endlan
-  chassis_control "{python} {CHASSIS_SCRIPT} {node_dir}"
+  chassis_control "{python} {script} {node_dir}"
   user 2 true "{IPMI_USER}" "{password}" admin 10 {auths}
 """
         fd = os.open(d / "lan.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
