@@ -41,14 +41,19 @@ def serve(app: App, listen, verbose):
     host, port = _listen(listen)
     view = app.snapshot()
     upstream = app.upstream if view.config().get("upstream") else None
-    on_detach = None
+    on_detach = on_assign = None
     if app.setting("standby-image"):
-        from rhaas.core.standby import standby_in_background
+        from rhaas.core.standby import return_to_standby, standby_in_background
 
         def on_detach(node):
             standby_in_background(app.store, app.settings, node)
 
-    service = Service(app.store, app.settings, upstream=upstream, on_detach=on_detach)
+        def on_assign(node, keys):
+            # the tenant's keys ride in the standby image's overlay: when the lease answers,
+            # the node already lets the tenant (and only them, with us) in
+            return_to_standby(app.store, app.settings, [node])
+
+    service = Service(app.store, app.settings, upstream=upstream, on_detach=on_detach, on_assign=on_assign)
     try:
         server = HILServer((host, port), app.store, service, verbose=verbose)
     except OSError as exc:

@@ -66,13 +66,14 @@ def encode_metadata(doc: dict) -> dict:
 class Service:
     """One instance's answers to the HIL API. `upstream` is a HILClient for a derived one."""
 
-    def __init__(self, store, settings: dict, upstream=None, power_backend=None, on_detach=None):
+    def __init__(self, store, settings: dict, upstream=None, power_backend=None, on_detach=None, on_assign=None):
         self.store = store
         self.settings = settings
         self.upstream = upstream
         self.project_upstream = settings.get("project")
         self._power_backend = power_backend  # callable(node_doc) -> backend, for tests/lab
         self.on_detach = on_detach  # callable(node_name), e.g. return to the standby image
+        self.on_assign = on_assign  # callable(node_name, tenant_keys), e.g. inject the tenant's keys
         self._power_lock = threading.Lock()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -155,6 +156,8 @@ class Service:
             doc["tenant_ssh_keys"] = self._project_keys(tx, project)
             tx.put_node(doc)
             tx.event("assign", node, "ok", project=project, by=caller.name)
+        if self.on_assign and doc["tenant_ssh_keys"]:
+            self.on_assign(node, doc["tenant_ssh_keys"])
 
     @staticmethod
     def _project_keys(view, project) -> list[str]:
