@@ -66,7 +66,7 @@ def _has_type(value, types) -> bool:
 
 S = str
 R = REQUIRED
-O = OPTIONAL
+OPT = OPTIONAL
 
 ROUTES: list[Route] = [
     # projects
@@ -80,7 +80,7 @@ ROUTES: list[Route] = [
     # nodes
     Route("list_nodes", "GET", "/nodes/<is_free>"),
     Route("show_node", "GET", "/node/<node>"),
-    Route("node_register", "PUT", "/node/<node>", {"obmd": (dict, O), "metadata": (dict, O)}),
+    Route("node_register", "PUT", "/node/<node>", {"obmd": (dict, OPT), "metadata": (dict, OPT)}),
     Route("node_delete", "DELETE", "/node/<node>"),
     Route("node_register_nic", "PUT", "/node/<node>/nic/<nic>", {"macaddr": (S, R)}),
     Route("node_delete_nic", "DELETE", "/node/<node>/nic/<nic>"),
@@ -91,7 +91,7 @@ ROUTES: list[Route] = [
         "node_connect_network",
         "POST",
         "/node/<node>/nic/<nic>/connect_network",
-        {"network": (S, R), "channel": (S, O)},
+        {"network": (S, R), "channel": (S, OPT)},
     ),
     Route(
         "node_detach_network",
@@ -114,14 +114,14 @@ ROUTES: list[Route] = [
     Route("network_revoke_project_access", "DELETE", "/network/<network>/access/<project>"),
     # OBM and power
     Route("node_set_obm", "PUT", "/node/<node>/obm", {"enabled": (bool, R)}),
-    Route("node_power_cycle", "POST", "/node/<node>/power_cycle", {"force": (bool, O)}, redirectable=True),
+    Route("node_power_cycle", "POST", "/node/<node>/power_cycle", {"force": (bool, OPT)}, redirectable=True),
     Route("node_power_on", "POST", "/node/<node>/power_on", redirectable=True),
     Route("node_power_off", "POST", "/node/<node>/power_off", redirectable=True),
     Route("node_power_status", "GET", "/node/<node>/power_status", redirectable=True),
     Route("node_set_bootdev", "PUT", "/node/<node>/boot_device", {"bootdev": (S, R)}, redirectable=True),
     # users
     Route("list_users", "GET", "/auth/basic/users"),
-    Route("user_create", "PUT", "/auth/basic/user/<user>", {"password": (S, R), "is_admin": (bool, O)}),
+    Route("user_create", "PUT", "/auth/basic/user/<user>", {"password": (S, R), "is_admin": (bool, OPT)}),
     Route("user_delete", "DELETE", "/auth/basic/user/<user>"),
     Route("user_set_admin", "PATCH", "/auth/basic/user/<user>", {"is_admin": (bool, R)}),
     Route("user_add_project", "POST", "/auth/basic/user/<user>/add_project", {"project": (S, R)}),

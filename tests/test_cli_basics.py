@@ -22,7 +22,6 @@ def test_version_and_help():
 
 
 def _leaf_commands():
-    runner = CliRunner()
     for name in COMMANDS:
         cmd = cli.get_command(None, name)
         subs = getattr(cmd, "commands", None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from conftest import ROOT, Served, make_root, plain_node, rhaas, wait_for
 from rhaas.store import Store

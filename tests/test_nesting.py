@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from conftest import make_root, plain_node, rhaas
-from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401  (fixture; skips without ipmi_sim)
+from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401  (a fixture, used by name)
 from rhaas.store import Store
 
 import pytest
@@ -24,7 +24,7 @@ def listing(home) -> dict[str, str | None]:
     return {n["name"]: n["project"] for n in json.loads(out)}
 
 
-def test_three_levels(tmp_path, start_serve, ipmi_sim_factory):
+def test_three_levels(tmp_path, start_serve, ipmi_sim_factory):  # noqa: F811
     root, d1, d2 = tmp_path / "root", tmp_path / "d1", tmp_path / "d2"
     bmcs = {f"node-0{i}": ipmi_sim_factory(f"node-0{i}", power_on=True) for i in range(1, 5)}
     make_root(root, nodes=[plain_node(i, ipmi=bmcs[f"node-0{i}"].ipmi_doc()) for i in range(1, 5)],

@@ -86,7 +86,7 @@ def test_sigkill_mid_write_leaves_a_valid_store(rhaas_home):
     store = Store(rhaas_home)
     store.create()
     rng = random.Random(7)
-    for trial in range(8):
+    for _ in range(8):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(rhaas_home)], stdout=subprocess.PIPE,
                                 cwd=str(ROOT), text=True)
         proc.stdout.readline()  # at least one write done, more under way

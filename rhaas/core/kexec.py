@@ -78,6 +78,7 @@ class KexecResult:
     fired: bool = False  # the node was asked to jump (or power cycled): its old state is gone
     uploaded: int = 0  # bytes sent to the node
     finished: float = 0.0
+    polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
 
     def public(self) -> dict:
         """The stable JSON form (``rhaas kexec --json``)."""
@@ -511,6 +512,7 @@ class _NodeRun:
         self.busy_wait = self.opts.poll_interval
         self.kexec_reason: str | None = None  # set once we are in the fallback
         self.uploaded = 0
+        self.polls = {"down": 0, "old": 0}
         self.result: KexecResult | None = None
         self._next = self._load
 
@@ -531,7 +533,7 @@ class _NodeRun:
     def _finish(self, outcome: str, boot_id: str | None, reason: str | None = None) -> None:
         self.result = KexecResult(
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
-            fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(),
+            fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
         )
         return None
 
@@ -626,6 +628,7 @@ class _NodeRun:
         try:
             sess = self._connect(min(self.opts.connect_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)))
         except Unreachable:
+            self.polls["down"] += 1
             if self.down_at is None:
                 self.down_at = now
             return min(time.monotonic() + self.opts.poll_interval, self.deadline)
@@ -640,6 +643,7 @@ class _NodeRun:
         if boot_id == self.old_boot_id:
             # still the old kernel (or it came back unchanged): ask again later, more slowly
             self.saw_old = True
+            self.polls["old"] += 1
             self.busy_wait = min(self.busy_wait * 2, self.opts.busy_poll_max)
             return min(time.monotonic() + self.busy_wait, self.deadline)
         down_at = self.down_at if self.down_at is not None else now

@@ -391,7 +391,7 @@ class Service:
         if access is not None and not caller.is_admin and not (caller.projects & set(access)):
             raise AuthorizationError("You do not have access to this network.")
         connected = self._connected(view, network)
-        if not caller.is_admin and not (net["owner"] in caller.projects):
+        if not caller.is_admin and net["owner"] not in caller.projects:
             connected = {
                 n: nics for n, nics in connected.items() if (view.node(n) or {}).get("project") in caller.projects
             }

@@ -38,7 +38,7 @@ from typing import BinaryIO, Callable, Iterable, Mapping, Union
 from .vm import LabError
 
 #: Bump when the image layout / scripts change, to invalidate caches.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 
 IMAGE_IDS = ("standby", "second")
 STANDBY = "standby"
@@ -77,7 +77,7 @@ MODULE_ROOTS = ("virtio_pci", "virtio_net", "virtio_rng")
 
 #: Binaries copied into the image: (path in unpacked tree, path in image).
 BINARIES = (
-    ("sbin/kexec", "sbin/kexec"),
+    ("sbin/kexec", "usr/lib/rhaas/kexec"),  # /sbin/kexec is the KEXEC_WRAPPER script
     ("usr/sbin/dropbear", "usr/sbin/dropbear"),
     ("usr/bin/dropbearkey", "usr/bin/dropbearkey"),
     ("usr/lib/openssh/sftp-server", "usr/lib/openssh/sftp-server"),
@@ -483,7 +483,7 @@ def _ensure_host_key(cache_dir: Path, tree: Path | None, log: Log) -> tuple[Path
 
 INITTAB = """\
 ::sysinit:/etc/rc.sh
-::respawn:/usr/sbin/dropbear -F -E -s -j -k -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
+::respawn:/usr/sbin/rhaas-dropbear
 ttyS0::respawn:-/bin/sh -l
 ::ctrlaltdel:/bin/reboot
 ::shutdown:/bin/sync
@@ -539,6 +539,42 @@ ip link set eth0 up
 echo "RHAAS-READY image=$image uptime=$(cut -d' ' -f1 /proc/uptime) boot_id=$(cat /proc/sys/kernel/random/boot_id) cmdline=$(cat /proc/cmdline)"
 """
 
+#: dropbear, held back while a ``kexec -e`` is under way (see KEXEC_WRAPPER).
+DROPBEAR_RUN = """\
+#!/bin/sh
+while [ -e /run/rhaas-kexec-firing ]; do sleep 1; done
+exec /usr/sbin/dropbear -F -E -s -j -k -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
+"""
+
+#: /sbin/kexec.  Under TCG the real, dynamically linked kexec (a dozen Xen libraries) needs
+#: up to a second just to start, so the old kernel's sshd would keep accepting logins
+#: long after ``kexec -e`` was asked for; on hardware the jump is immediate.  For ``-e``
+#: the wrapper first stops new SSH logins (the listening dropbear is stopped and not
+#: respawned), lets sessions already open finish (at most 3 s), then jumps.  If the jump
+#: fails, dropbear comes back.  Every other use goes straight to the real binary.
+KEXEC_WRAPPER = """\
+#!/bin/sh
+fire=
+for a in "$@"; do
+    case "$a" in -e|--exec) fire=1 ;; esac
+done
+[ -n "$fire" ] || exec /usr/lib/rhaas/kexec "$@"
+[ "$(cat /sys/kernel/kexec_loaded 2>/dev/null)" = 1 ] || exec /usr/lib/rhaas/kexec "$@"
+: > /run/rhaas-kexec-firing
+for p in $(pidof dropbear); do
+    [ "$(cut -d' ' -f4 /proc/$p/stat 2>/dev/null)" = 1 ] && kill "$p"
+done
+i=0
+while pidof dropbear >/dev/null && [ $i -lt 30 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+/usr/lib/rhaas/kexec "$@"
+rc=$?
+rm -f /run/rhaas-kexec-firing
+exit $rc
+"""
+
 PROFILE = """\
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PS1='\\h:\\w\\$ '
@@ -546,7 +582,7 @@ export PS1='\\h:\\w\\$ '
 
 
 def _assemble_root(tree: Path, root: Path, kver: str, host_key: Path, log: Log) -> None:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", LIBDIR, "usr/lib/openssh", "lib",
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", LIBDIR, "usr/lib/openssh", "usr/lib/rhaas", "lib",
               "lib64", "lib/modules", "etc/dropbear", "root/.ssh", "proc", "sys", "dev",
               "run", "tmp", "var/log", "mnt"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -611,6 +647,9 @@ def _assemble_root(tree: Path, root: Path, kver: str, host_key: Path, log: Log) 
     for name, text in files.items():
         (etc / name).write_text(text)
     os.chmod(etc / "rc.sh", 0o755)
+    for path, text in (("sbin/kexec", KEXEC_WRAPPER), ("usr/sbin/rhaas-dropbear", DROPBEAR_RUN)):
+        (root / path).write_text(text)
+        os.chmod(root / path, 0o755)
     os.chmod(etc / "shadow", 0o600)
     (root / "root/.ssh/authorized_keys").write_text("")
     os.chmod(root / "root/.ssh/authorized_keys", 0o600)
@@ -658,6 +697,8 @@ def _cache_key(versions: Mapping[str, str]) -> str:
     h.update(f"recipe={RECIPE_VERSION}\n".encode())
     h.update(RC_SH.encode())
     h.update(INITTAB.encode())
+    h.update(KEXEC_WRAPPER.encode())
+    h.update(DROPBEAR_RUN.encode())
     for p in sorted(versions):
         h.update(f"{p}={versions[p]}\n".encode())
     return h.hexdigest()[:16]

@@ -353,7 +353,12 @@ def up(dir: str | os.PathLike | None = None, nodes: int = 2, firmware_delay: flo
     check_host_tools()
     _fresh_home(d / ROOT_HOME)
     t0 = time.monotonic()
-    lab = Lab.up(nodes, firmware_delay, d, cache_dir=cache_dir, memory_mb=memory_mb, wait=False, log=log)
+    def lab_log(msg: str) -> None:  # Lab.up(wait=False) returns before the VMs answer
+        if not msg.startswith(("lab up in", "started ")):
+            log(msg)
+
+    lab = Lab.up(nodes, firmware_delay, d, cache_dir=cache_dir, memory_mb=memory_mb, wait=False, log=lab_log)
+    log(f"started {nodes} VM(s) and their ipmi_sim BMCs")
     try:
         _update_info(d, simulated=False, label="qemu")
         imgs = lab.info["images"]
@@ -712,7 +717,8 @@ def describe(stack: LabStack) -> list[str]:
     lines += [
         "",
         f"  root instance   RHAAS_HOME={rh['home']}",
-        f"  {tag}serve{' ' * (10 - len(tag))}{rh['url']}  (pid {rh['serve']['pid']}, log {rh['serve']['log']})",
+        f"  serve           {rh['url']}  (pid {rh['serve']['pid']}, log {rh['serve']['log']})"
+        + (f"  [{SIM_LABEL}]" if sim else ""),
         f"  project         {rh['project']}",
         f"  users           {ADMIN_USER} (admin; password in {rh['admin']['password_file']})",
         f"                  {TENANT_USER} (project {rh['project']}; password in {rh['tenant']['password_file']})",

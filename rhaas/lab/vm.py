@@ -481,8 +481,15 @@ def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool
 def ssh_connect(port: int, key_file: str | os.PathLike, host_key: str,
                 host: str = "127.0.0.1", user: str = "root", timeout: float = 10.0):
     """paramiko SSHClient with the host key pinned (RejectPolicy; no agent, no key search)."""
+    import logging
+
     import paramiko
 
+    # paramiko's transport thread logs a traceback for every connection a booting guest
+    # drops; the callers report failures themselves
+    plog = logging.getLogger("paramiko")
+    if not plog.handlers:
+        plog.addHandler(logging.NullHandler())
     client = paramiko.SSHClient()
     keytype, b64 = host_key.split()[:2]
     entry = paramiko.hostkeys.HostKeyEntry.from_line(

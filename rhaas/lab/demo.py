@@ -1,0 +1,300 @@
+"""`make demo`: rhaas's main job on a local lab, end to end, in a few minutes.
+
+    python -m rhaas.lab.demo
+
+1. a lab of 4 QEMU VMs behind ipmi_sim BMCs with a modelled firmware (POST) delay, owned by
+   a root rhaas that serves them on loopback (``rhaas lab up``);
+2. a DERIVED rhaas (its own RHAAS_HOME) that leases all 4 from the lab's serve;
+3. ``rhaas kexec`` of all 4 into the image ``second``, with per-node phase timings;
+4. one node's kexec broken on purpose (``/sbin/kexec`` moved away over SSH): the IPMI
+   fallback brings it back, through the upstream power API down to the root's ipmi_sim;
+5. one node re-provisioned by kexec and one by a PXE power cycle, for comparison;
+6. everything freed (the root returns the nodes to its standby image by kexec);
+7. the lab goes down, always: also on failure or Ctrl-C.
+
+Environment: RHAAS_DEMO_NODES (default 4), RHAAS_DEMO_FIRMWARE_DELAY (seconds, default 30),
+RHAAS_DEMO_DIR (default ./.demo; the directory is removed after a successful run unless
+RHAAS_DEMO_KEEP=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .stack import CommandFailed, LabStack, down, run_rhaas, up
+from .vm import LabError, MissingToolError
+
+PHASES = ("connect", "stage", "load", "down", "up", "verify")
+
+
+class Out:
+    """Headed steps on stdout; progress lines on stderr."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.n = 0
+        self.t0 = time.monotonic()
+
+    def step(self, title: str) -> None:
+        self.n += 1
+        print(f"\n== [{self.n}/{self.total}] {title}  (t+{time.monotonic() - self.t0:.0f}s)", flush=True)
+
+    def say(self, text: str = "") -> None:
+        print(f"   {text}" if text else "", flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"   . {text}", file=sys.stderr, flush=True)
+
+
+def phase_table(results: list[dict], walls: dict[str, float] | None = None) -> list[str]:
+    """``rhaas kexec --json`` results as a small table of phase seconds."""
+    head = f"{'node':8} {'outcome':9}" + "".join(f"{p:>8}" for p in PHASES) + f"{'sum':>8}"
+    lines = [head]
+    for r in results:
+        ph = r.get("phases") or {}
+        total = sum(ph.get(p, 0.0) for p in PHASES)
+        row = f"{r['node']:8} {r['outcome']:9}" + "".join(
+            f"{ph[p]:8.1f}" if p in ph else f"{'-':>8}" for p in PHASES) + f"{total:8.1f}"
+        if r.get("reason"):
+            row += f"   {r['reason'][:70]}"
+        lines.append(row)
+    return lines
+
+
+def kexec_json(home: Path, *args, timeout: float = 900) -> tuple[list[dict], float, int]:
+    t0 = time.monotonic()
+    proc = run_rhaas(home, "kexec", *args, "--json", check=False, timeout=timeout)
+    wall = time.monotonic() - t0
+    try:
+        results = json.loads(proc.stdout) if proc.stdout.strip() else []
+    except ValueError:
+        results = []
+    if proc.returncode not in (0, 1) or not results:
+        err = proc.stderr.strip().splitlines()
+        raise CommandFailed(f"rhaas kexec {' '.join(map(str, args))} exited {proc.returncode}: "
+                            + (" / ".join(err[-3:]) or "no output"))
+    return results, wall, proc.returncode
+
+
+def state(node) -> dict:
+    rc, out, err = node.run("cat /proc/sys/kernel/random/boot_id /etc/rhaas-image /proc/cmdline", timeout=60)
+    if rc != 0:
+        raise LabError(f"{node.name}: cannot read its state: {err.strip()}")
+    lines = out.splitlines()
+    return {"boot_id": lines[0].strip(), "image": lines[1].strip(), "cmdline": lines[2].strip()}
+
+
+def chassis_lines(node, since: int) -> list[str]:
+    path = Path(node.node_dir) / "chassis.log"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    return [ln for ln in lines[since:] if " set " in f" {ln}"]
+
+
+def chassis_mark(node) -> int:
+    try:
+        return len((Path(node.node_dir) / "chassis.log").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def wait_standby(root: Path, names: list[str], since: float, timeout: float) -> dict[str, dict]:
+    """The root's background return-to-standby kexecs (actor 'standby') for ``names``."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        proc = run_rhaas(root, "events", "--json", "-n", "200", check=False)
+        try:
+            events = json.loads(proc.stdout or "[]")
+        except ValueError:
+            events = []
+        for e in events:
+            if (e.get("action") == "kexec" and e.get("actor") == "standby" and e.get("node") in names
+                    and float(e.get("time") or 0) >= since - 1):
+                seen[e["node"]] = e
+        if len(seen) == len(names):
+            break
+        time.sleep(2)
+    return seen
+
+
+def run_demo(out: Out, d: Path, n: int, fd: float) -> dict:
+    figures: dict = {}
+    names = [f"lab-{i:02d}" for i in range(1, n + 1)]
+    nodeset = f"lab-[01-{n:02d}]" if n > 1 else names[0]
+
+    out.step(f"Bring up the lab: {n} QEMU VMs behind ipmi_sim BMCs, firmware delay {fd:g} s")
+    out.say("every power-on pays the firmware delay (SeaBIOS boot-menu wait); a kexec never does")
+    t0 = time.monotonic()
+    stack = up(d, n, fd, log=out.note)
+    figures["lab_up_s"] = time.monotonic() - t0
+    out.say(f"lab up in {figures['lab_up_s']:.0f}s: root rhaas in {stack.root_home}, serving {stack.url}")
+    for nd in stack.info["nodes"]:
+        out.say(f"  {nd['name']}  ssh {nd['ssh']}  bmc ipmi {nd['ipmi']['user']}@{nd['ipmi']['host']}:{nd['ipmi']['port']}")
+
+    out.step("A derived rhaas leases all nodes from the lab's serve")
+    home = stack.derive(d / "derived")
+    out.say(f"RHAAS_HOME={home}")
+    out.say(f"rhaas init --upstream {stack.url} --project lab --user tenant   (password from {d / 'tenant.password'})")
+    run_rhaas(home, "lease", str(n))
+    stack.add_image(home, "second")
+    listing = json.loads(run_rhaas(home, "list", "--json").stdout)
+    out.say(f"rhaas lease {n}  ->  {', '.join(x['name'] for x in listing)}")
+    out.say("rhaas image add second --kernel ... --initrd ... --append 'console=ttyS0 quiet panic=5'")
+
+    out.step(f"rhaas kexec {nodeset} --image second")
+    before = {nm: state(stack.node(nm)) for nm in names}
+    results, wall, rc = kexec_json(home, nodeset, "--image", "second")
+    for line in phase_table(results):
+        out.say(line)
+    ok = [r for r in results if r["outcome"] == "ok"]
+    out.say(f"{len(ok)}/{n} verified (new boot id + rhaas.nonce on the kernel command line) in {wall:.1f}s wall")
+    for r in ok:
+        now = state(stack.node(r["node"]))
+        if now["boot_id"] == before[r["node"]]["boot_id"] or now["image"] != "second" \
+                or f"rhaas.nonce={r['nonce']}" not in now["cmdline"].split():
+            raise LabError(f"{r['node']}: the node does not run what rhaas reported")
+    if len(ok) != n:
+        raise LabError("not every node kexec'd: " + ", ".join(f"{r['node']} {r['outcome']}" for r in results))
+    figures["kexec_all_wall_s"] = wall
+
+    victim = stack.node(names[1 % n])
+    out.step(f"Break {victim.name}'s kexec on purpose; the IPMI fallback brings it back")
+    rc_mv, _o, err = victim.run("mv /sbin/kexec /sbin/kexec.broken")
+    if rc_mv != 0:
+        raise LabError(f"{victim.name}: cannot move /sbin/kexec away: {err.strip()}")
+    out.say(f"over SSH (the lab's helper): mv /sbin/kexec /sbin/kexec.broken on {victim.name}")
+    old = state(victim)
+    mark = chassis_mark(victim)
+    results, wall, rc = kexec_json(home, victim.name, "--image", "second")
+    r = results[0]
+    for line in phase_table(results):
+        out.say(line)
+    if r["outcome"] != "fallback":
+        raise LabError(f"{victim.name}: expected outcome 'fallback', got {r['outcome']} ({r.get('reason')})")
+    now = state(victim)
+    out.say(f"outcome fallback after {wall:.1f}s: derived rhaas -> bootdev pxe + power cycle via the lab's "
+            "serve (HIL API) -> root rhaas -> IPMI (rmcpplus) -> ipmi_sim:")
+    for line in chassis_lines(victim, mark):
+        out.say(f"    ipmi_sim chassis: {line.split(' ', 2)[2] if line.count(' ') >= 2 else line}")
+    if now["boot_id"] == old["boot_id"] or now["image"] != "standby":
+        raise LabError(f"{victim.name}: not back on a fresh standby boot ({now})")
+    out.say(f"{victim.name} is back: image {now['image']}, new boot id {now['boot_id'][:8]} (was {old['boot_id'][:8]})")
+    figures["fallback_wall_s"] = wall
+
+    kx = stack.node(names[2 % n])
+    px = stack.node(names[3 % n])
+    out.step(f"Re-provision {kx.name} by kexec and {px.name} by a PXE power cycle")
+    results, wall_full, _ = kexec_json(home, kx.name, "--image", "second")
+    if results[0]["outcome"] != "ok":
+        raise LabError(f"{kx.name}: kexec {results[0]['outcome']}: {results[0].get('reason')}")
+    out.say(f"rhaas kexec {kx.name} --image second          {wall_full:6.1f}s  (upload + load + jump + verify)")
+    results, wall_load, _ = kexec_json(home, kx.name, "--image", "second", "--load-only")
+    if results[0]["outcome"] != "loaded":
+        raise LabError(f"{kx.name}: --load-only {results[0]['outcome']}: {results[0].get('reason')}")
+    results, wall_exec, _ = kexec_json(home, kx.name, "--exec")
+    if results[0]["outcome"] != "ok":
+        raise LabError(f"{kx.name}: --exec {results[0]['outcome']}: {results[0].get('reason')}")
+    out.say(f"rhaas kexec {kx.name} --load-only, then --exec  {wall_exec:6.1f}s  (the jump and verify; "
+            f"the load took {wall_load:.1f}s beforehand)")
+    old = state(px)
+    t0 = time.monotonic()
+    run_rhaas(home, "bootdev", "pxe", px.name)
+    run_rhaas(home, "power", "cycle", px.name)
+    px.wait_ssh(timeout=2 * fd + 180, until=lambda t: t.strip() != old["boot_id"])
+    wall_pxe = time.monotonic() - t0
+    now = state(px)
+    out.say(f"rhaas bootdev pxe {px.name} && rhaas power cycle {px.name}, until SSH answers with a new boot id: "
+            f"{wall_pxe:.1f}s (image {now['image']})")
+    figures.update(kexec_full_s=wall_full, kexec_exec_s=wall_exec, powercycle_s=wall_pxe)
+
+    out.step("Free everything; the root returns the nodes to its standby image by kexec")
+    t_free = time.time()
+    proc = run_rhaas(home, "free", nodeset, "--json", check=False, timeout=600)
+    try:
+        freed = [r["node"] for r in json.loads(proc.stdout or "[]") if r.get("outcome") == "ok"]
+    except (ValueError, TypeError, KeyError):
+        freed = []
+    out.say(f"rhaas free {nodeset}: {len(freed)}/{n} returned to the lab (exit {proc.returncode})")
+    seen = wait_standby(stack.root_home, names, t_free, timeout=2 * fd + 120)
+    for nm in names:
+        e = seen.get(nm)
+        out.say(f"  {nm}: " + (f"standby kexec {e['outcome']}" if e else "still returning to standby"))
+    return figures
+
+
+def summary(out: Out, figures: dict, fd: float) -> None:
+    out.step("Comparison")
+    k_full, k_exec, pxe = figures["kexec_full_s"], figures["kexec_exec_s"], figures["powercycle_s"]
+    out.say(f"re-provision by kexec (pre-loaded, --exec)     {k_exec:6.1f} s")
+    out.say(f"re-provision by kexec (full: upload+load+jump)  {k_full:6.1f} s")
+    out.say(f"re-provision by PXE power cycle                {pxe:6.1f} s   (firmware delay {fd:g} s)")
+    out.say(f"power cycle / kexec: {pxe / k_exec:.1f}x (pre-loaded), {pxe / k_full:.1f}x (full)")
+    out.say("(a real server's POST takes minutes, not seconds: the gap grows with it)")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    n = max(1, int(os.environ.get("RHAAS_DEMO_NODES") or 4))
+    fd = float(os.environ.get("RHAAS_DEMO_FIRMWARE_DELAY") or 30)
+    d = Path(os.environ.get("RHAAS_DEMO_DIR") or ".demo").expanduser().resolve()
+    out = Out(7)
+    print(f"rhaas demo: {n} VMs, firmware delay {fd:g} s, in {d}", flush=True)
+    # a SIGTERM (e.g. from a CI timeout) takes the same way out as Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
+    rc = 0
+    figures: dict = {}
+    try:
+        from .lab import check_host_tools
+
+        check_host_tools()
+        if (d / "lab.json").exists():
+            stopped = down(d)
+            if stopped:
+                out.note(f"stopped {len(stopped)} leftover process(es) of an earlier demo")
+        if d.exists():
+            shutil.rmtree(d)
+        figures = run_demo(out, d, n, fd)
+        summary(out, figures, fd)
+    except MissingToolError as e:
+        print(f"rhaas demo: cannot run: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nrhaas demo: interrupted", file=sys.stderr)
+        rc = 130
+    except (LabError, CommandFailed, TimeoutError, OSError) as e:
+        print(f"\nrhaas demo: failed: {e}", file=sys.stderr)
+        rc = 1
+    except Exception as e:  # noqa: BLE001 - one line for a human, never a traceback
+        print(f"\nrhaas demo: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        if (d / "lab.json").exists():
+            out.step("Lab down")
+            try:
+                stopped = down(d)
+                out.say(f"stopped {len(stopped)} process(es) by PID (serve, BMCs, VMs)")
+            except BaseException as e:  # noqa: BLE001
+                print(f"rhaas demo: lab down failed: {e}", file=sys.stderr)
+                rc = rc or 1
+    if rc == 0 and not os.environ.get("RHAAS_DEMO_KEEP"):
+        shutil.rmtree(d, ignore_errors=True)
+    elif d.exists():
+        print(f"rhaas demo: files kept in {d}", file=sys.stderr)
+    print(f"\nrhaas demo: {'done' if rc == 0 else 'FAILED'} in {time.monotonic() - out.t0:.0f}s", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
