@@ -5,19 +5,22 @@ does, and checks what the nodes report (boot id, /proc/cmdline, what is cached) 
 the inventory records.
 """
 
+# ruff: noqa: F811  (the fixtures imported from farm_fixtures come back as parameters)
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from farm_fixtures import _farm_process, client_key, farm_home, sim_farm  # noqa: F401
+
 from rhaas.cli import cli
 from rhaas.core.overlay import overlay_files
 from rhaas.store import Store
@@ -85,12 +88,14 @@ def test_full_flow_verifies_records_and_batches_writes(sim_farm, farm_home, rhaa
 
     # what the node booted: the image's initrd, then the overlay with rhaas's and the tenant's keys
     loaded = sim_farm.state(names[0])
-    initrd_on_node = sim_farm.node(names[0])["root"] + "/run/rhaas/"
-    cached = sorted(os.listdir(initrd_on_node))
-    assert image["kernel"].read_bytes() in [open(initrd_on_node + f, "rb").read() for f in cached]
-    combined = [open(initrd_on_node + f, "rb").read() for f in cached]
-    booted = [overlay_files(b) for b in combined if b.startswith(image["initrd"].read_bytes()) and len(b) > image["initrd"].stat().st_size]
-    assert len(booted) == 1, cached
+    cache = Path(sim_farm.node(names[0])["root"]) / "run/rhaas"
+    cached = {f.name: f.read_bytes() for f in cache.iterdir()}
+    base = image["initrd"].read_bytes()
+    assert cached[hashlib.sha256(image["kernel"].read_bytes()).hexdigest()] == image["kernel"].read_bytes()
+    assert cached[hashlib.sha256(base).hexdigest()] == base
+    booted = [overlay_files(b) for name, b in cached.items() if b.startswith(base) and len(b) > len(base)]
+    assert len(booted) == 1, sorted(cached)
+    assert all(hashlib.sha256(b).hexdigest() == name for name, b in cached.items())  # content-addressed
     keys = booted[0]["/root/.ssh/authorized_keys"].decode().splitlines()
     assert keys == [client_key[1], tenant]
     assert booted[0]["/etc/rhaas-image"] == b"IMG-A\n"
@@ -171,7 +176,7 @@ def test_fallback_without_a_power_backend_fails_with_that_reason(sim_farm, farm_
 
 def _ipmi_ready():
     try:
-        import rhaas.adapters.bmc  # noqa: F401
+        import rhaas.adapters.bmc
         import rhaas.core.power  # noqa: F401
     except ImportError:
         return False
@@ -268,7 +273,7 @@ def test_remote_commands_survive_a_real_shell(tmp_path, monkeypatch):
     for command in (Commands.load_cached(sha, sha, cmdline, True),
                     Commands.combine_and_load(sha, sha, sha, sha, cmdline, True, "t")):
         done = subprocess.run(["sh", "-c", stubs + command], capture_output=True, text=True, timeout=10,
-                              cwd=tmp_path)
+                              cwd=tmp_path, check=False)
         assert done.returncode == 0, done.stderr
         assert argv_file.read_bytes().split(b"\0")[:-1] == [
             b"-l", f"{cache}/{sha}".encode(), f"--initrd={cache}/{sha}".encode(),
@@ -333,6 +338,7 @@ def test_load_only_then_exec(sim_farm, farm_home, rhaas_home, image):
     r, again = kexec_json(names[0], "--exec")
     assert r.exit_code == 1
     assert again[names[0]]["reason"].startswith("not loaded (status ready)")
+    assert store.snapshot().node(names[0])["status"] == "ready"  # refused, so left as it was
 
 
 def test_dry_run_changes_nothing(sim_farm, farm_home, rhaas_home, image):

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from rhaas.errors import RhaasError
 from rhaas.model import SSHAddress, parse_ssh
@@ -38,7 +39,15 @@ class SSHError(RhaasError):
 
 
 class Unreachable(SSHError):
-    """Nothing usable answered: refused, timed out, reset, or no SSH banner."""
+    """Nothing usable answered: refused, timed out, reset, or no SSH banner.
+
+    ``transient`` is set when something did answer but dropped the handshake (an
+    overloaded sshd does that): worth one more try, unlike a refused or silent port.
+    """
+
+    def __init__(self, msg: str, transient: bool = False):
+        super().__init__(msg)
+        self.transient = transient
 
 
 class HostKeyUnknown(SSHError):
@@ -309,7 +318,7 @@ class Endpoint:
     host_keys: list[str] = field(default_factory=list)  # "TYPE B64" lines
 
     @classmethod
-    def for_node(cls, doc: dict, known: dict[str, list[str]]) -> "Endpoint":
+    def for_node(cls, doc: dict, known: dict[str, list[str]]) -> Endpoint:
         if not doc.get("ssh"):
             raise SSHError(f"node {doc['name']} has no SSH address; set it with 'rhaas node set'")
         addr = parse_ssh(doc["ssh"])
@@ -348,7 +357,7 @@ class Session:
         self.command_timeout = command_timeout
         self._sftp = None
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -387,7 +396,7 @@ class Session:
             if not chan.status_event.wait(max(0.05, deadline - time.monotonic())):
                 raise CommandTimeout(f"{node}: command did not finish within {timeout:g}s")
             return Result(chan.exit_status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise CommandTimeout(f"{node}: command did not finish within {timeout:g}s") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise Unreachable(f"{node}: session lost: {_why(exc)}") from None
@@ -447,7 +456,7 @@ class Session:
             except OSError:
                 sftp.rename(tmp, remote)
             return attrs.st_size or 0
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise CommandTimeout(f"{self.endpoint.node}: upload of {what} stalled") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise SSHError(f"{self.endpoint.node}: upload of {what} failed: {_why(exc)}") from None
@@ -464,6 +473,7 @@ def open_session(
 
     _quiet_paramiko()
     node, addr = endpoint.node, endpoint.address
+    sock = _connect_socket(addr, connect_timeout, node)
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     pinned = client.get_host_keys()
@@ -471,7 +481,6 @@ def open_session(
     for line in endpoint.host_keys:
         key = _keys.get(line)
         pinned.add(pattern, key.get_name(), key)
-    sock = _connect_socket(addr, connect_timeout, node)
     try:
         client.connect(
             addr.host,
@@ -501,10 +510,10 @@ def open_session(
         client.close()
         if "not found in known_hosts" in str(exc):
             raise HostKeyUnknown(f"host key for {node} not known; run 'rhaas node trust {node}'") from None
-        raise Unreachable(f"cannot connect to {node} ({addr.host}:{addr.port}): {_why(exc)}") from None
+        raise Unreachable(f"cannot connect to {node} ({addr.host}:{addr.port}): {_why(exc)}", True) from None
     except (OSError, EOFError) as exc:
         client.close()
-        raise Unreachable(f"cannot connect to {node} ({addr.host}:{addr.port}): {_why(exc)}") from None
+        raise Unreachable(f"cannot connect to {node} ({addr.host}:{addr.port}): {_why(exc)}", True) from None
     return Session(client, endpoint, command_timeout)
 
 

@@ -6,6 +6,7 @@ Nothing here touches SSH: paramiko and rich are imported inside the code paths t
 from __future__ import annotations
 
 import sys
+from typing import Self
 
 import click
 
@@ -252,7 +253,7 @@ class _Progress:
         self.bar = None
         self.counts = {"ok": 0, "loaded": 0, "fallback": 0, "failed": 0}
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> Self:
         if sys.stderr.isatty() and self.total > 0:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

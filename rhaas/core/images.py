@@ -36,7 +36,7 @@ class ImageFile:
         return {"path": self.path, "size": self.size, "sha256": self.sha256, "mtime_ns": self.mtime_ns}
 
     @classmethod
-    def from_doc(cls, d: dict) -> "ImageFile":
+    def from_doc(cls, d: dict) -> ImageFile:
         return cls(d["path"], int(d["size"]), d["sha256"], int(d.get("mtime_ns", 0)))
 
 
@@ -56,7 +56,7 @@ class Image:
         }
 
     @classmethod
-    def from_doc(cls, d: dict) -> "Image":
+    def from_doc(cls, d: dict) -> Image:
         return cls(d["name"], ImageFile.from_doc(d["kernel"]), ImageFile.from_doc(d["initrd"]), d.get("append") or "")
 
 
@@ -72,18 +72,24 @@ def check_append(append: str | None) -> str:
     return append
 
 
+def file_sha256(path: str | os.PathLike):
+    """A sha256 hash object fed with the file (read in 1 MiB chunks); ``.copy()`` it to extend."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h
+
+
 def describe_file(path: str | os.PathLike, what: str = "file") -> ImageFile:
-    """Absolute path, size, mtime and sha256 of a local file (read in 1 MiB chunks)."""
+    """Absolute path, size, mtime and sha256 of a local file."""
     p = Path(path).expanduser()
     try:
         p = p.resolve(strict=True)
         st = p.stat()
         if not p.is_file():
             raise UsageError(f"{what} {path} is not a regular file")
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
+        h = file_sha256(p)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
     except PermissionError:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import itertools
 import os
 import queue
@@ -32,11 +31,11 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from rhaas import model
-from rhaas.core.images import Image, check_append, check_files
+from rhaas.core.images import Image, check_append, check_files, file_sha256
 from rhaas.core.overlay import DEFAULT_HOST_KEY_TARGET, build_overlay
 from rhaas.errors import RhaasError, UsageError
 
@@ -79,6 +78,7 @@ class KexecResult:
     uploaded: int = 0  # bytes sent to the node
     finished: float = 0.0
     polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
+    keep_status: bool = False  # refused before anything was asked of the node: only an event
 
     def public(self) -> dict:
         """The stable JSON form (``rhaas kexec --json``)."""
@@ -230,7 +230,8 @@ def kexec_nodes(
 
     jobs: list[_Job] = []
     early: dict[str, KexecResult] = {}
-    initrd_hash = _hash_file(image.initrd.path) if image is not None and opts.mode != "exec" else None
+    # the node's initrd is the image's plus its overlay: hash the shared part once
+    initrd_hash = file_sha256(image.initrd.path) if image is not None and opts.mode != "exec" else None
     for doc in docs:
         name = doc["name"]
         try:
@@ -243,6 +244,7 @@ def kexec_nodes(
                 early[name] = KexecResult(
                     name, "failed", doc.get("loaded_image"), doc.get("nonce"), doc.get("boot_id"),
                     f"not loaded (status {doc.get('status')}); run 'rhaas kexec --load-only' first",
+                    keep_status=True,
                 )
                 continue
             jobs.append(_Job(doc, endpoint, doc["nonce"], image=doc.get("loaded_image")))
@@ -295,14 +297,6 @@ def kexec_nodes(
     return [results[d["name"]] for d in docs if d["name"] in results]
 
 
-def _hash_file(path: str):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h
-
-
 def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str) -> None:
     """One transaction for the whole batch: node fields and an event per node."""
     if not results:
@@ -310,8 +304,14 @@ def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str
     with store.transaction(actor) as tx:
         docs = []
         for r in results.values():
+            detail = {"image": r.image, "nonce": r.nonce, "mode": mode}
+            if r.reason:
+                detail["reason"] = r.reason
+            if r.phases:
+                detail["phases"] = {k: round(v, 3) for k, v in r.phases.items()}
+            tx.event("kexec", r.node, r.outcome, **detail)
             cur = tx.node(r.node)
-            if cur is None:  # unregistered meanwhile
+            if cur is None or r.keep_status:  # unregistered meanwhile, or left as it was
                 continue
             doc = dict(cur)
             doc.update(status=_STATUS[r.outcome], reason=r.reason, updated=r.finished or time.time())
@@ -329,12 +329,6 @@ def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str
                 if r.boot_id:
                     doc["boot_id"] = r.boot_id
             docs.append(doc)
-            detail = {"image": r.image, "nonce": r.nonce, "mode": mode}
-            if r.reason:
-                detail["reason"] = r.reason
-            if r.phases:
-                detail["phases"] = {k: round(v, 3) for k, v in r.phases.items()}
-            tx.event("kexec", r.node, r.outcome, **detail)
         tx.put_nodes(docs)
 
 
@@ -448,7 +442,7 @@ class _Pool:
         self._stopped = False
         self._threads: list[threading.Thread] = []
 
-    def add(self, run: "_NodeRun") -> None:
+    def add(self, run: _NodeRun) -> None:
         with self._cv:
             self._fresh.append(run)
             self._pending += 1
@@ -535,7 +529,6 @@ class _NodeRun:
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
             fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
         )
-        return None
 
     def _failed(self, reason: str, fallback: bool = True) -> float | None:
         if self.kexec_reason is not None:  # the fallback itself failed
@@ -553,10 +546,16 @@ class _NodeRun:
         return open_session(self.job.endpoint, self.ctx.pkey, connect_timeout, command_timeout)
 
     def _load(self) -> float | None:
-        from rhaas.adapters.ssh import Commands
+        from rhaas.adapters.ssh import Commands, Unreachable
 
         t0 = time.monotonic()
-        sess = self._connect(self.opts.connect_timeout, self.opts.command_timeout)
+        try:
+            sess = self._connect(self.opts.connect_timeout, self.opts.command_timeout)
+        except Unreachable as exc:
+            if not exc.transient:
+                raise
+            time.sleep(0.2)  # a dropped handshake (a busy sshd): one more try
+            sess = self._connect(self.opts.connect_timeout, self.opts.command_timeout)
         t1 = time.monotonic()
         self.phases["connect"] = t1 - t0
         fire = self.opts.mode != "load"
@@ -592,7 +591,8 @@ class _NodeRun:
                 self.phases["load"] = time.monotonic() - t1
                 if not loaded:
                     return self._failed(f"kexec -l failed: {r.why()}")
-            if fire and r.exit != 0:
+            # -1: the session dropped before its exit status came; the jump may have beaten it
+            if fire and r.exit not in (0, -1):
                 return self._failed(f"cannot start kexec -e: {r.why()}")
         if not fire:
             return self._finish("loaded", self.old_boot_id)
@@ -696,15 +696,15 @@ class _NodeRun:
 
 
 __all__ = [
+    "OUTCOMES",
     "KexecOptions",
     "KexecResult",
-    "OUTCOMES",
-    "kexec_nodes",
-    "plan",
-    "lookup_nodes",
+    "adhoc_image_name",
+    "authorized_keys_for",
     "kernel_cmdline",
+    "kexec_nodes",
+    "lookup_nodes",
     "new_nonce",
     "node_overlay",
-    "authorized_keys_for",
-    "adhoc_image_name",
+    "plan",
 ]

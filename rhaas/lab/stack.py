@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .vm import LabError, MissingToolError, free_port, kill_pid, mac_for, pid_alive, pid_cmdline, pid_matches
 
@@ -677,6 +677,9 @@ class LabStack:
                   env={"RHAAS_UPSTREAM_PASSWORD": pw})
         run_rhaas(home, "config", "set", "ssh-key", self.client_key)
         run_rhaas(home, "config", "set", "timeout", f"{float(self.rh.get('timeout', 120.0)):g}")
+        # the root kexecs a node into its standby image (with the tenant's keys) before it
+        # answers a lease: give that the time a kexec may take
+        run_rhaas(home, "config", "set", "upstream-timeout", f"{float(self.rh.get('timeout', 120.0)) + 60:g}")
         return home
 
     def add_image(self, home: str | os.PathLike, name: str = "second") -> None:
@@ -700,7 +703,6 @@ def describe(stack: LabStack) -> list[str]:
     d, rh, info = stack.dir, stack.rh, stack.info
     exe = rhaas_exe()
     sim = stack.simulated
-    tag = f"{SIM_LABEL} " if sim else ""
     lines = []
     if sim:
         lines.append(f"*** {SIM_LABEL} LAB: nodes are simulated by the asyncssh farm, not real machines ***")
@@ -727,7 +729,7 @@ def describe(stack: LabStack) -> list[str]:
         f"  lab.json        {d / LAB_JSON}",
         "",
         "Point a derived rhaas at it (in a fresh RHAAS_HOME):",
-        f"  export RHAAS_HOME=$(mktemp -d)",
+        "  export RHAAS_HOME=$(mktemp -d)",
         f"  RHAAS_UPSTREAM_PASSWORD=$(cat {rh['tenant']['password_file']}) {exe} init --upstream {rh['url']}"
         f" --project {rh['project']} --user {TENANT_USER}",
         f"  {exe} config set ssh-key {rh['client_key']}",

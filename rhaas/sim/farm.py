@@ -253,7 +253,7 @@ class _Channel:
 class Shell:
     """Runs one command string for one node; file paths are confined to the node's root."""
 
-    def __init__(self, farm: "Farm", node: "SimNode", stdout, stderr):
+    def __init__(self, farm: Farm, node: SimNode, stdout, stderr):
         self.farm = farm
         self.node = node
         self.io = {1: stdout, 2: stderr}
@@ -319,9 +319,7 @@ class Shell:
                 if target != "/dev/null":
                     raise ShellError("sh: input redirection is only supported from /dev/null")
             elif op in (">", ">>"):
-                if target == "/dev/null":
-                    fds[fd] = _Sink()
-                elif dry:
+                if target == "/dev/null" or dry:
                     fds[fd] = _Sink()
                 else:
                     fh = open(self.node.real_path(target, for_write=True), "ab" if op == ">>" else "wb")
@@ -535,7 +533,7 @@ def _msg(exc: BaseException) -> str:
 
 # -- nodes ------------------------------------------------------------------------------------------
 class SimNode:
-    def __init__(self, farm: "Farm", index: int, name: str, address: str, key: asyncssh.SSHKey):
+    def __init__(self, farm: Farm, index: int, name: str, address: str, key: asyncssh.SSHKey):
         self.farm = farm
         self.index = index
         self.name = name
@@ -619,12 +617,12 @@ class SimNode:
                 action = "unload"
             elif a in ("-i", "--no-checks", "-f", "--force"):
                 pass
-            elif a.startswith("--initrd=") or a.startswith("--ramdisk="):
+            elif a.startswith(("--initrd=", "--ramdisk=")):
                 initrd = a.split("=", 1)[1]
             elif a in ("--initrd", "--ramdisk") and i + 1 < len(args):
                 initrd = args[i + 1]
                 i += 1
-            elif a.startswith("--command-line=") or a.startswith("--append="):
+            elif a.startswith(("--command-line=", "--append=")):
                 cmdline = a.split("=", 1)[1]
             elif a in ("--command-line", "--append") and i + 1 < len(args):
                 cmdline = args[i + 1]
@@ -1061,7 +1059,7 @@ def launch(directory: Path, nodes: int, authorized_keys: Path, down_time: float 
         with open(directory / "farm.err", "w") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+        reader = threading.Thread(target=lambda out=proc.stdout, got=line: got.append(out.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
         if line and line[0].startswith("READY"):
@@ -1126,7 +1124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--authorized-keys", type=Path, help="public keys allowed to log in (default DIR/authorized_keys)")
     ap.add_argument("--prefix", default="sim-")
     ap.add_argument("--log-commands", action="store_true", help="append every command to DIR/commands.log")
-    ap.add_argument("--kex", help="comma-separated key exchange algorithms to offer (default: asyncssh's)")
+    ap.add_argument("--kex", default="curve25519-sha256,curve25519-sha256@libssh.org",
+                    help="comma-separated key exchange algorithms to offer (default: curve25519, as the "
+                    "lab's dropbear nodes; '' for asyncssh's full list)")
     ap.add_argument("--ciphers", help="comma-separated ciphers to offer (default: asyncssh's)")
     ap.add_argument("--macs", help="comma-separated MACs to offer (default: asyncssh's)")
     ap.add_argument("--no-coalesce", action="store_true", help="write each SSH packet as it is made")

@@ -1,9 +1,14 @@
-"""Fixtures for the lab tests: real QEMU VMs behind real ipmi_sim BMCs.
+"""Fixtures for the lab tests: real QEMU VMs behind real ipmi_sim BMCs, owned by a root rhaas.
 
-The tests are marked ``lab`` and skipped (with the Debian package to install)
-when qemu-system-x86_64, ipmi_sim or the image-building tools are missing.
-One lab with one VM is booted per session; every lab started here is taken
-down at the end of the session, by its recorded PIDs.
+The tests are marked ``lab`` and skipped (naming the Debian package to install) when
+qemu-system-x86_64, ipmi_sim or the image-building tools are missing.
+
+One lab is brought up per session, through the CLI (``rhaas lab up --nodes 2``): two VMs,
+firmware delay 0, a root rhaas instance and its ``rhaas serve``. Every lab test shares it
+(the phase-1 ``lab`` fixture is the same lab seen through :class:`rhaas.lab.Lab`), so at
+most two VMs run at a time. At the end of the session ``rhaas lab down`` stops it, and the
+teardown checks that no recorded process survived (any survivor is stopped by its PID and
+the teardown fails).
 
 Environment:
   RHAAS_LAB_CACHE           guest image cache (default ~/.cache/rhaas/lab)
@@ -14,6 +19,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +35,11 @@ HOST_TOOLS = (
     ("modinfo", "kmod"),
 )
 
-_started_labs: list = []
 TIMINGS: dict[str, float] = {}
+_LAB_DIRS: list[Path] = []
+# read once at import: the per-test fixtures remove every RHAAS_* variable later
+_CACHE_ENV = {k: os.environ[k] for k in ("RHAAS_LAB_CACHE",) if os.environ.get(k)}
+_DELAY = os.environ.get("RHAAS_LAB_FIRMWARE_DELAY", "0")
 
 
 def pytest_configure(config):
@@ -50,81 +62,84 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def register_lab(lab) -> None:
-    _started_labs.append(lab)
-
-
-def _down_all() -> None:
-    from rhaas.lab.vm import LabError
-
-    while _started_labs:
-        lab = _started_labs.pop()
-        try:
-            lab.down()
-        except LabError:
-            pass
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _down_all()  # safety net; fixtures normally did it already
-
-
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
         terminalreporter.section("lab timings (seconds)")
         for key, value in TIMINGS.items():
-            terminalreporter.write_line(f"{key:40s} {value:7.2f}")
+            terminalreporter.write_line(f"{key:44s} {value:7.2f}")
+
+
+def _cli(*args, timeout=900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
+    env.update(_CACHE_ENV)
+    return subprocess.run([sys.executable, "-m", "rhaas", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _teardown(d: Path) -> list[str]:
+    """``rhaas lab down``, then make sure nothing of the lab is left; returns the survivors."""
+    from rhaas.lab.stack import running_pids
+    from rhaas.lab.vm import pid_alive
+
+    before = running_pids(d)
+    proc = _cli("lab", "down", "--dir", d, timeout=120)
+    survivors = [f"{k}={p}" for k, p in before.items() if pid_alive(p)]
+    left = running_pids(d)  # also re-checks recorded PIDs against their command lines
+    if left:
+        from rhaas.lab.stack import down
+
+        down(d)  # by PID again, then report
+        survivors += [f"{k}={p}" for k, p in left.items()]
+    if proc.returncode != 0:
+        survivors.append(f"(rhaas lab down exited {proc.returncode}: {proc.stderr.strip()[-300:]})")
+    return survivors
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # safety net if a fixture's teardown never ran (e.g. an interrupted session)
+    from rhaas.lab.stack import down
+
+    for d in _LAB_DIRS:
+        try:
+            down(d)
+        except Exception:  # noqa: BLE001 - best effort; the fixture reports failures
+            pass
 
 
 @pytest.fixture(scope="session")
 def lab_cache_dir():
     from rhaas.lab.guest import default_cache_dir
 
-    return default_cache_dir()
+    return Path(_CACHE_ENV.get("RHAAS_LAB_CACHE") or default_cache_dir())
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory, lab_cache_dir):
-    """A running one-node lab for the whole session."""
-    import time
+def lab_stack(tmp_path_factory):
+    """The session's lab: 2 VMs + root rhaas + serve, brought up by ``rhaas lab up``."""
+    from rhaas.lab.stack import LabStack
 
-    from rhaas.lab import Lab
-
-    delay = float(os.environ.get("RHAAS_LAB_FIRMWARE_DELAY", "0"))
+    d = tmp_path_factory.mktemp("lab")
+    _LAB_DIRS.append(d)
     t0 = time.monotonic()
-    lab = Lab.up(1, firmware_delay=delay, dir=tmp_path_factory.mktemp("lab"),
-                 cache_dir=lab_cache_dir)
-    register_lab(lab)
-    TIMINGS["lab up (1 VM, to SSH)"] = time.monotonic() - t0
-    for key, value in lab.info.get("timings", {}).items():
-        TIMINGS[f"  {key}"] = value
+    proc = _cli("lab", "up", "--nodes", "2", "--firmware-delay", _DELAY, "--dir", d)
+    TIMINGS["rhaas lab up --nodes 2 (to serve)"] = time.monotonic() - t0
+    if proc.returncode != 0:
+        survivors = _teardown(d) if (d / "lab.json").exists() else []
+        pytest.fail(f"rhaas lab up exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+                    + (f"; survivors: {survivors}" if survivors else ""))
+    stack = LabStack(d)
+    stack.up_stdout = proc.stdout  # what `lab up` printed, for the tests
     try:
-        yield lab
+        yield stack
     finally:
-        lab.down()
-        if lab in _started_labs:
-            _started_labs.remove(lab)
+        survivors = _teardown(d)
+        assert not survivors, f"lab processes survived 'rhaas lab down': {survivors}"
 
 
-@pytest.fixture
-def lab_factory(lab_cache_dir):
-    """Start extra labs in a test; each is taken down when the test ends."""
-    from rhaas.lab import Lab
-
-    mine = []
-
-    def make(n=1, firmware_delay=0.0, dir=None, **kw):
-        kw.setdefault("cache_dir", lab_cache_dir)
-        lab = Lab.up(n, firmware_delay=firmware_delay, dir=dir, **kw)
-        mine.append(lab)
-        register_lab(lab)
-        return lab
-
-    yield make
-    for lab in mine:
-        lab.down()
-        if lab in _started_labs:
-            _started_labs.remove(lab)
+@pytest.fixture(scope="session")
+def lab(lab_stack):
+    """The session lab as a phase-1 :class:`rhaas.lab.Lab` (nodes, VMs, BMCs)."""
+    return lab_stack.lab
 
 
 @pytest.fixture(scope="session")

@@ -188,87 +188,35 @@ def test_ipmi_wrong_password_rejected(lab):
 
 
 # ---------------------------------------------------------------------------
-# (c) lab up / down: loopback only, nothing left running
+# (c) what lab.json records, secrets, and loopback only
 # ---------------------------------------------------------------------------
 
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(os.path.join(fd_dir, fd))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
-    return inodes
+def test_lab_json_secrets_and_loopback_only(lab_stack):
+    from lab_helpers import assert_loopback_only, sockets_of
 
-
-def _inet_sockets() -> dict[str, tuple[str, str, str]]:
-    """inode -> (proto, local address hex, state) for every IPv4/IPv6 socket."""
-    found = {}
-    for proto in ("tcp", "tcp6", "udp", "udp6"):
-        try:
-            lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            found[f[9]] = (proto, f[1], f[3])
-    return found
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}
-
-
-def test_lab_up_down_loopback_only(tmp_path_factory, lab_factory, timings):
-    from rhaas.lab import down, status
-    from rhaas.lab.vm import pid_alive
-
-    d = tmp_path_factory.mktemp("lab-updown")
-    t0 = time.monotonic()
-    lab_factory(1, firmware_delay=2.0, dir=d)
-    timings["lab up #2 (firmware delay 2s) -> SSH"] = time.monotonic() - t0
-
+    d = lab_stack.dir
     info = json.loads((d / "lab.json").read_text())
+    assert info["state"] == "up" and info["simulated"] is False
     node = info["nodes"][0]
     assert node["name"] == "lab-01"
     assert node["ssh"] == f"root@127.0.0.1:{node['ssh_port']}"
     assert node["host_key"].startswith("ssh-ed25519 ")
     assert node["ipmi"]["host"] == "127.0.0.1" and node["ipmi"]["user"] == "admin"
-    assert oct(os.stat(node["ipmi"]["password_file"]).st_mode & 0o777) == "0o600"
-    assert oct(os.stat(info["ssh_key"]).st_mode & 0o777) == "0o600"
-    pw = Path(node["ipmi"]["password_file"]).read_text().strip()
+    for secret in (node["ipmi"]["password_file"], info["ssh_key"], d / "admin.password", d / "tenant.password"):
+        assert oct(os.stat(secret).st_mode & 0o777) == "0o600", secret
+    secrets_ = [Path(p).read_text().strip() for p in
+                (node["ipmi"]["password_file"], d / "admin.password", d / "tenant.password")]
 
-    pids = dict(node["pids"])
-    assert set(pids) == {"qemu", "ipmi_sim"}
-    st = status(d)
-    assert st["nodes"][0]["power"] and st["nodes"][0]["ipmi_sim_pid"] == pids["ipmi_sim"]
-
-    # the firmware delay is modelled by SeaBIOS' boot menu wait
-    with open(f"/proc/{pids['qemu']}/cmdline", "rb") as fh:
-        argv = fh.read().split(b"\0")
-    assert b"menu=on,splash-time=2000" in argv
-
-    sockets = _inet_sockets()
-    seen = 0
+    pids = lab_stack.running()
+    kinds = {k.split("/")[1] if "/" in k else k for k in pids}
+    assert {"qemu", "ipmi_sim", "serve"} <= kinds, pids
     for name, pid in pids.items():
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            assert pw.encode() not in fh.read(), f"password on {name}'s command line"
-        for inode in _socket_inodes(pid):
-            if inode in sockets:
-                proto, local, _state = sockets[inode]
-                addr = local.split(":")[0]
-                assert addr in LOOPBACK, f"{name} has a {proto} socket on {local}"
-                seen += 1
-    assert seen >= 2  # qemu's hostfwd listener and ipmi_sim's UDP port
+            argv = fh.read()
+        for secret in secrets_:
+            assert secret.encode() not in argv, f"a password on {name}'s command line"
+    # every VM's hostfwd, every BMC's UDP port, serve's HTTP port: all on loopback
+    assert assert_loopback_only(pids.values()) >= 2 * len(info["nodes"]) + 1
+    listening = [s for s in sockets_of(pids.values()) if s[1].startswith("tcp") and s[3] == "0A"]
+    assert len(listening) >= len(info["nodes"]) + 1  # hostfwd per VM + serve
 
-    stopped = down(d)
-    assert set(pids.values()) <= set(stopped)
-    for pid in pids.values():
-        assert not pid_alive(pid)
-    nd = Path(node["node_dir"])
-    assert not (nd / "qemu.pid").exists() and not (nd / "monitor.sock").exists()
-    assert not (nd / "bmc" / "ipmi_sim.pid").exists()
-    assert json.loads((d / "lab.json").read_text())["state"] == "down"
-    assert down(d) == []  # idempotent; nothing else gets killed

@@ -77,3 +77,15 @@ def test_chassis_script_state_only(tmp_path):
     bad = _chassis(nd, "get", "bogus")
     assert bad.returncode == 1 and bad.stdout.strip()
     assert "get power boot -> rc=0" in (nd / "chassis.log").read_text()
+
+
+def test_firmware_delay_is_seabios_menu_wait(tmp_path):
+    from rhaas.lab.vm import VM, VMConfig, mac_for
+
+    cfg = VMConfig(name="lab-01", node_dir=str(tmp_path / "n"), ssh_port=2222, mac=mac_for("lab-01"),
+                   kernel="/k", initrds={"standby": "/a", "second": "/b"}, firmware_delay_ms=2000)
+    argv = VM.create(cfg).qemu_argv("standby", "n0nce")
+    assert "menu=on,splash-time=2000" in argv
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in " ".join(argv)
+    cfg0 = VMConfig(**{**cfg.__dict__, "node_dir": str(tmp_path / "m"), "firmware_delay_ms": 0})
+    assert not any("splash-time" in a for a in VM.create(cfg0).qemu_argv("standby", "x"))

@@ -1,0 +1,212 @@
+"""`make bench` section: re-provisioning real VMs by kexec vs by a PXE power cycle.
+
+    .venv/bin/python bench/bench_lab.py
+
+Two QEMU VMs behind ipmi_sim BMCs with a modelled firmware (POST) delay
+(RHAAS_BENCH_FIRMWARE_DELAY seconds, default 30), owned by the lab's root rhaas. Measured
+side by side in one run, one thing at a time (the VMs share 2 cores):
+
+* ``lab.kexec_full_s``: ``rhaas kexec NODE --image second`` (upload, load, jump, verify);
+* ``lab.kexec_load_s`` / ``lab.kexec_reprovision_s``: the pipelined form, ``--load-only``
+  beforehand, then the timed ``--exec`` (jump, wait for the new boot id, check the nonce);
+* ``lab.bare_boot_s``: the same jump without rhaas: ``kexec -e`` over SSH, timed until the
+  new kernel's SSH banner (polled every 50 ms), checked afterwards by boot id and nonce;
+* ``lab.powercycle_reprovision_s``: ``rhaas bootdev pxe`` + ``rhaas power cycle`` (IPMI to
+  ipmi_sim), until SSH answers with a new boot id;
+* ``ratio.powercycle_vs_kexec`` (target >= 5) and ``lab.rhaas_overhead_pct``: how much
+  longer ``rhaas kexec --exec`` takes than the bare jump (target <= 15 %).
+
+Each figure is the median of RHAAS_BENCH_REPEAT runs (default 2; the power cycle of
+RHAAS_BENCH_PXE_REPEAT, default 1). Skipped, with the reason printed, without QEMU/ipmi_sim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {  # name -> (comparison, value)
+    "ratio.powercycle_vs_kexec": (">=", 5.0),
+    "lab.rhaas_overhead_pct": ("<=", 15.0),
+}
+STATE = "cat /proc/sys/kernel/random/boot_id /etc/rhaas-image /proc/cmdline"
+
+
+def report(name: str, value: float, note: str = "") -> None:
+    verdict = ""
+    if name in TARGETS:
+        op, target = TARGETS[name]
+        ok = value >= target if op == ">=" else value <= target
+        verdict = f"  (target {op} {target:g}: {'ok' if ok else 'MISSED'})"
+    print(f"{name:42} {value:.3f}{verdict}{note}", flush=True)
+
+
+def node_state(node) -> tuple[str, str, str]:
+    rc, out, err = node.run(STATE, timeout=60)
+    if rc != 0:
+        raise RuntimeError(f"{node.name}: {err.strip()}")
+    a, b, c = out.splitlines()[:3]
+    return a.strip(), b.strip(), c.strip()
+
+
+def rhaas_kexec(home, *args) -> tuple[float, dict]:
+    from rhaas.lab.stack import run_rhaas
+
+    t0 = time.monotonic()
+    proc = run_rhaas(home, "kexec", *args, "--json", check=False)
+    wall = time.monotonic() - t0
+    try:
+        res = json.loads(proc.stdout)[0]
+    except (ValueError, IndexError):
+        raise RuntimeError(f"rhaas kexec {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    return wall, res
+
+
+def bare_boot(node, kernel: str, initrd: str, append: str) -> float:
+    """``kexec -e`` without rhaas: seconds from the jump to the new kernel's SSH banner."""
+    from rhaas.lab.vm import ssh_banner, ssh_run
+
+    nonce = "bare" + secrets.token_hex(4)
+    old = node_state(node)[0]
+    client = node.ssh()
+    try:
+        sftp = client.open_sftp()
+        sftp.put(kernel, "/run/bare-vmlinuz")
+        sftp.put(initrd, "/run/bare-initrd")
+        sftp.close()
+        rc, _o, err = ssh_run(client, "kexec -l /run/bare-vmlinuz --initrd=/run/bare-initrd "
+                                      f"'--command-line={append} rhaas.nonce={nonce}'", timeout=120)
+        if rc != 0:
+            raise RuntimeError(f"{node.name}: kexec -l failed: {err.strip()}")
+        rc, _o, err = ssh_run(client, 'setsid sh -c "kexec -e" </dev/null >/dev/null 2>&1 &', timeout=30)
+    finally:
+        client.close()
+    t0 = time.monotonic()
+    gone = False
+    deadline = t0 + 180
+    while time.monotonic() < deadline:
+        up = ssh_banner(node.ssh_port, timeout=0.3)
+        if not up:
+            gone = True
+        elif gone:
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError(f"{node.name}: no SSH banner within 180 s of kexec -e")
+    t1 = time.monotonic()
+    out = node.wait_ssh(timeout=60, command=STATE,
+                        until=lambda t: t.split()[0] != old and f"rhaas.nonce={nonce}" in t.split())
+    if out.split()[0] == old:
+        raise RuntimeError(f"{node.name}: bare kexec did not change the boot id")
+    return t1 - t0
+
+
+def pxe_cycle(stack, node, fd: float) -> float:
+    from rhaas.lab.stack import run_rhaas
+
+    old = node_state(node)[0]
+    t0 = time.monotonic()
+    run_rhaas(stack.root_home, "bootdev", "pxe", node.name)
+    run_rhaas(stack.root_home, "power", "cycle", node.name)
+    node.wait_ssh(timeout=2 * fd + 240, until=lambda t: t.strip() != old)
+    wall = time.monotonic() - t0
+    if node_state(node)[1] != "standby":
+        raise RuntimeError(f"{node.name}: the PXE boot did not bring up the standby image")
+    return wall
+
+
+def bench(d: Path, fd: float, reps: int, pxe_reps: int) -> None:
+    from rhaas.lab.stack import up
+
+    t0 = time.monotonic()
+    stack = up(d, 2, fd)
+    report("lab.up_2vms_s", time.monotonic() - t0)
+    report("lab.firmware_delay_s", fd)
+    k, p = stack.node("lab-01"), stack.node("lab-02")
+    home = stack.root_home
+    img = stack.images["second"]
+    full, load, execs, bare, pxe, up_phase = [], [], [], [], [], []
+    for _ in range(reps):
+        wall, res = rhaas_kexec(home, k.name, "--image", "second")
+        if res["outcome"] != "ok":
+            raise RuntimeError(f"kexec {k.name}: {res['outcome']}: {res.get('reason')}")
+        full.append(wall)
+        wall, res = rhaas_kexec(home, k.name, "--image", "second", "--load-only")
+        if res["outcome"] != "loaded":
+            raise RuntimeError(f"kexec --load-only {k.name}: {res['outcome']}: {res.get('reason')}")
+        load.append(wall)
+        wall, res = rhaas_kexec(home, k.name, "--exec")
+        if res["outcome"] != "ok":
+            raise RuntimeError(f"kexec --exec {k.name}: {res['outcome']}: {res.get('reason')}")
+        boot_id, _image, cmdline = node_state(k)
+        if boot_id != res["boot_id"] or f"rhaas.nonce={res['nonce']}" not in cmdline.split():
+            raise RuntimeError(f"{k.name}: runs something else than rhaas reported")
+        execs.append(wall)
+        up_phase.append(sum(res["phases"].get(x, 0.0) for x in ("down", "up", "verify")))
+        bare.append(bare_boot(k, img["kernel"], img["initrd"], img["append"]))
+    for _ in range(pxe_reps):
+        pxe.append(pxe_cycle(stack, p, fd))
+    med = statistics.median
+    report("lab.kexec_full_s", med(full))
+    report("lab.kexec_load_s", med(load))
+    report("lab.kexec_reprovision_s", med(execs))
+    report("lab.kexec_exec_wait_phases_s", med(up_phase))
+    report("lab.bare_boot_s", med(bare))
+    report("lab.powercycle_reprovision_s", med(pxe))
+    report("ratio.powercycle_vs_kexec", med(pxe) / med(execs))
+    report("ratio.powercycle_vs_kexec_full", med(pxe) / med(full))
+    report("lab.rhaas_overhead_pct", 100.0 * (med(execs) - med(bare)) / med(bare))
+    print(f"# runs: kexec full {[round(x, 1) for x in full]}, --exec {[round(x, 1) for x in execs]}, "
+          f"bare {[round(x, 1) for x in bare]}, power cycle {[round(x, 1) for x in pxe]}", flush=True)
+
+
+def main() -> int:
+    missing = [f"{tool} (Debian package {pkg})" for tool, pkg in
+               (("qemu-system-x86_64", "qemu-system-x86"), ("ipmi_sim", "openipmi"))
+               if not shutil.which(tool)]
+    if missing:
+        print(f"# bench_lab: skipped: {', '.join(missing)} not installed", flush=True)
+        return 0
+    fd = float(os.environ.get("RHAAS_BENCH_FIRMWARE_DELAY") or 30)
+    reps = max(1, int(os.environ.get("RHAAS_BENCH_REPEAT") or 2))
+    pxe_reps = max(1, int(os.environ.get("RHAAS_BENCH_PXE_REPEAT") or 1))
+    print(f"# bench_lab: 2 QEMU VMs, firmware delay {fd:g} s, {reps} kexec run(s), {pxe_reps} power cycle(s)",
+          flush=True)
+    from rhaas.lab.stack import down
+
+    d = Path(tempfile.mkdtemp(prefix="rhaas-bench-lab-"))
+    rc = 0
+    try:
+        bench(d, fd, reps, pxe_reps)
+    except KeyboardInterrupt:
+        print("# bench_lab: interrupted", flush=True)
+        rc = 130
+    except Exception as e:  # noqa: BLE001 - one line, the figures so far stay printed
+        print(f"# bench_lab: failed: {type(e).__name__}: {e}", flush=True)
+        rc = 1
+    finally:
+        if (d / "lab.json").exists():
+            try:
+                down(d)
+            except Exception as e:  # noqa: BLE001
+                print(f"# bench_lab: lab down failed: {e}", flush=True)
+                rc = rc or 1
+        if rc == 0:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            print(f"# bench_lab: files kept in {d}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
