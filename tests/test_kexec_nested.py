@@ -99,7 +99,7 @@ def test_pipeline_list_head_kexec(sim_farm, farm_home, rhaas_home, image_files):
     for n in (names[0], *names[4:]):
         assert sim_farm.state(n)["boot_id"] == before[n]  # untouched
     # and the real shell pipeline gives the same shape of answer
-    sh = f"rhaas list --available -q | head -2 | rhaas kexec --image b - --json"
+    sh = "rhaas list --available -q | head -2 | rhaas kexec --image b - --json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
     env["RHAAS_HOME"] = str(rhaas_home)
     env["PATH"] = os.path.dirname(os.sys.executable) + ":" + env["PATH"]
