@@ -366,7 +366,7 @@ class Session:
     def close(self) -> None:
         try:
             self.client.close()
-        except Exception:  # closing a dead connection may raise anything; nothing to do
+        except Exception:  # noqa: BLE001, S110 - closing a dead connection may raise anything
             pass
 
     def run(self, command: str, timeout: float | None = None) -> Result:

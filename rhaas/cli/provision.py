@@ -11,6 +11,7 @@ from typing import Self
 import click
 
 from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, is_terminal, json_option, pass_app
+from rhaas.cli.complete import complete_images, complete_nodes
 from rhaas.cli.output import phases_text, table
 from rhaas.cli.power import CommandError
 from rhaas.errors import RhaasError, UsageError
@@ -101,7 +102,7 @@ def image_list(app: App, as_json: bool):
 
 
 @image.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_images)
 @json_option
 @pass_app
 def image_show(app: App, name: str, as_json: bool):
@@ -123,7 +124,7 @@ def image_show(app: App, name: str, as_json: bool):
 
 
 @image.command("rm")
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...", shell_complete=complete_images)
 @pass_app
 def image_rm(app: App, names: tuple[str, ...]):
     """Remove images from the inventory (their files are left alone)."""
@@ -138,8 +139,9 @@ def image_rm(app: App, names: tuple[str, ...]):
 
 # -- rhaas kexec ----------------------------------------------------------------------------------
 @click.command()
-@click.argument("nodes", nargs=-1, required=True, metavar="NODE...")
-@click.option("--image", "image_name", metavar="NAME", help="Image to boot (default: the standby image).")
+@click.argument("nodes", nargs=-1, required=True, metavar="NODE...", shell_complete=complete_nodes)
+@click.option("--image", "image_name", metavar="NAME", shell_complete=complete_images,
+              help="Image to boot (default: the standby image).")
 @click.option("--kernel", metavar="PATH", help="Boot this kernel instead of a recorded image.")
 @click.option("--initrd", metavar="PATH", help="The initrd that goes with --kernel.")
 @click.option("--append", default=None, metavar="ARGS", help="Kernel arguments with --kernel (passed intact).")

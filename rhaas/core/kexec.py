@@ -334,12 +334,22 @@ def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str
 
 # -- fan-out: processes, each with a bounded pool of threads -------------------------------------------
 def _process_count(n_jobs: int, opts: KexecOptions) -> int:
+    """Worker processes for this run: one per CPU once there are enough nodes to share.
+
+    Forking is only safe from a single-threaded process (a thread holding a lock at fork
+    time leaves it held in the child forever), so a threaded caller such as ``rhaas serve``
+    keeps everything in its own threads. ``opts.processes`` or ``RHAAS_KEXEC_PROCESSES``
+    (tests, benchmarks) override the choice.
+    """
+    env = os.environ.get("RHAAS_KEXEC_PROCESSES")
     if opts.processes:
         want = opts.processes
+    elif env and env.isdigit():
+        want = int(env)
+    elif threading.active_count() > 1:
+        want = 1
     else:
-        env = os.environ.get("RHAAS_KEXEC_PROCESSES")
-        want = int(env) if env and env.isdigit() else (os.cpu_count() or 1)
-        want = min(want, max(1, n_jobs // NODES_PER_PROCESS))
+        want = min(os.cpu_count() or 1, max(1, n_jobs // NODES_PER_PROCESS))
     return max(1, min(want, n_jobs, opts.parallel))
 
 
@@ -520,7 +530,7 @@ class _NodeRun:
             return self._failed(str(exc), fallback=False)
         except RhaasError as exc:
             return self._failed(str(exc))
-        except Exception as exc:  # a bug must not lose the node: it is reported, one line
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the node: reported, one line
             return self._failed(f"internal error: {type(exc).__name__}: {exc}", fallback=False)
 
     # -- outcomes --------------------------------------------------------------------------------
@@ -617,7 +627,7 @@ class _NodeRun:
 
     def _poll(self) -> float | None:
         """One attempt to reach the node after the jump: down, old kernel, or the new boot."""
-        from rhaas.adapters.ssh import Commands, Unreachable, cmdline_has
+        from rhaas.adapters.ssh import Commands, CommandTimeout, Unreachable, cmdline_has
 
         now = time.monotonic()
         left = self.deadline - now
@@ -633,11 +643,16 @@ class _NodeRun:
                 self.down_at = now
             return min(time.monotonic() + self.opts.poll_interval, self.deadline)
         t_up = time.monotonic()
-        with sess:
-            t_v = time.monotonic()
-            r = sess.run(Commands.read_boot())
-            boot_id, cmdline = Commands.parse_boot(r)
-            t_end = time.monotonic()
+        try:
+            with sess:
+                t_v = time.monotonic()
+                r = sess.run(Commands.read_boot())
+                boot_id, cmdline = Commands.parse_boot(r)
+                t_end = time.monotonic()
+        except (Unreachable, CommandTimeout):
+            # an sshd dying under us (the old kernel going away): not an answer yet
+            self.polls["down"] += 1
+            return min(time.monotonic() + self.opts.poll_interval, self.deadline)
         if boot_id is None:
             return self._failed(f"cannot read the boot id: {r.why()}")
         if boot_id == self.old_boot_id:
