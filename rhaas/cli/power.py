@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from rhaas.cli.complete import complete_nodes
 from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, is_terminal, json_option, pass_app
 from rhaas.errors import RhaasError
 
@@ -35,7 +36,7 @@ def _parallel_option(f):
 
 
 def _nodes_argument(f):
-    return click.argument("nodes", nargs=-1, required=True, metavar="NODE...")(f)
+    return click.argument("nodes", nargs=-1, required=True, metavar="NODE...", shell_complete=complete_nodes)(f)
 
 
 def _detail(r: dict) -> str:
