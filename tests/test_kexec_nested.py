@@ -69,8 +69,8 @@ def test_fallback_at_level_two_reaches_the_root_bmc(tmp_path, start_serve, sim_f
     out = json.loads(proc.stdout)[0]
     assert proc.returncode == 1 and out["outcome"] == "fallback", proc.stderr
     assert "kexec -l failed" in out["reason"]
-    off = bmc.wait_for_call("set power 0")
-    bmc.wait_for_call("set power 1", after=off)
+    off = bmc.wait_for_call("set power 0", timeout=20)
+    bmc.wait_for_call("set power 1", after=off, timeout=20)
     assert bmc.boot() == "pxe"
     after = sim_farm.state(name)["boot_id"]
     assert after != before and out["boot_id"] == after

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_root, plain_node, rhaas
+from conftest import make_root, plain_node, rhaas, wait_for
 from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401  (a fixture, used by name)
 from rhaas.store import Store
 
@@ -60,11 +60,12 @@ def test_three_levels(tmp_path, start_serve, ipmi_sim_factory):  # noqa: F811
     proc = rhaas(d2, "power", "cycle", target, "--json", env=e2, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["outcome"] == "ok"
-    off = bmc.wait_for_call("set power 0")
-    bmc.wait_for_call("set power 1", after=off)
-    assert bmc.power() == "on"
-    status = rhaas(d2, "power", "status", target, "--json", env=e2, timeout=60)
-    assert json.loads(status.stdout)[0]["power"] == "on"
+    off = bmc.wait_for_call("set power 0", timeout=20)
+    bmc.wait_for_call("set power 1", after=off, timeout=20)
+    assert wait_for(lambda: bmc.power() == "on", timeout=10)  # the script logs the call, then writes
+    # ipmi_sim finishes the cycle (off, poll, on) on its own time; status reads it back through 3 levels
+    assert wait_for(lambda: json.loads(rhaas(d2, "power", "status", target, "--json", env=e2,
+                                             timeout=60).stdout)[0]["power"] == "on", timeout=20)
     proc = rhaas(d2, "bootdev", "pxe", target, env=e2, timeout=60)
     assert proc.returncode == 0 and bmc.boot() == "pxe"
     # the other BMCs saw nothing
