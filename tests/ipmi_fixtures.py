@@ -57,7 +57,9 @@ CHASSIS_SCRIPT = """\
 #!/bin/sh
 # chassis_control for ipmi_sim: DIR get PARAM...  |  DIR set PARAM VALUE [PARAM VALUE...]
 dir="$1"; shift
-echo "$(date +%s.%N) $*" >> "$dir/calls.log"
+# the call is logged when the script ends, so a logged "set power 1" means the state is written
+line="$(date +%s.%N) $*"
+trap 'echo "$line" >> "$dir/calls.log"' EXIT
 op="$1"; shift
 case "$op" in
 get)
