@@ -6,7 +6,6 @@ at the end with exactly the nodes the upstream confirmed, and every node gets it
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rhaas.core.instance import NodeResult, require_project, upstream_client
@@ -204,11 +203,3 @@ def reconcile(store, dry_run: bool = False):
             tx.event("reconcile", c["node"], "ok", change=c["change"])
     return changes
 
-
-def wait_until(pred, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()

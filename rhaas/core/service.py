@@ -545,6 +545,13 @@ class Service:
         return {k: act[k] for k in ("status", "node", "nic", "type", "channel", "new_network")}
 
     # -- users ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _user(view, name: str) -> dict:
+        doc = view.get("users", name)
+        if doc is None:
+            raise NotFoundError(f"User {name} does not exist.")
+        return doc
+
     def list_users(self, caller, view):
         caller.require_admin()
         return {
@@ -575,17 +582,13 @@ class Service:
         if user == caller.name:
             raise IllegalStateError("Cannot set own admin status")
         with self.store.transaction(caller.name) as tx:
-            doc = tx.get("users", user)
-            if doc is None:
-                raise NotFoundError(f"User {user} does not exist.")
+            doc = self._user(tx, user)
             tx.put("users", dict(doc, is_admin=is_admin))
 
     def user_add_project(self, caller, user, project):
         caller.require_admin()
         with self.store.transaction(caller.name) as tx:
-            doc = tx.get("users", user)
-            if doc is None:
-                raise NotFoundError(f"User {user} does not exist.")
+            doc = self._user(tx, user)
             self._project(tx, project)
             if project in doc.get("projects", []):
                 raise DuplicateError(f"User {user} is already in project {project}")
@@ -594,9 +597,7 @@ class Service:
     def user_remove_project(self, caller, user, project):
         caller.require_admin()
         with self.store.transaction(caller.name) as tx:
-            doc = tx.get("users", user)
-            if doc is None:
-                raise NotFoundError(f"User {user} does not exist.")
+            doc = self._user(tx, user)
             self._project(tx, project)
             if project not in doc.get("projects", []):
                 raise NotFoundError(f"User {user} is not in project {project}")
