@@ -75,8 +75,9 @@ def up(nodes, firmware_delay, directory, sim, memory, as_json):
         _say("--firmware-delay is ignored for SIMULATED nodes")
     what = f"{sim} SIMULATED node(s)" if sim else f"{nodes} VM(s), firmware delay {firmware_delay:g} s"
     _say(f"bringing up {what} in {_dir(directory)}")
+    log = (lambda msg: _say(f"[SIMULATED] {msg}")) if sim else _say
     try:
-        st = stack.up(_dir(directory), nodes, firmware_delay, sim=sim, memory_mb=memory, log=_say)
+        st = stack.up(_dir(directory), nodes, firmware_delay, sim=sim, memory_mb=memory, log=log)
     except MissingToolError as exc:
         raise LabCommandError(f"{exc}\n  (or run 'rhaas lab up --sim N' for SIMULATED nodes without QEMU)") from None
     except LabError as exc:
@@ -135,11 +136,13 @@ def down(directory):
     from rhaas.lab.vm import LabError
 
     try:
+        simulated = bool(stack.read_info(_dir(directory)).get("simulated"))
         stopped = stack.down(_dir(directory))
     except LabError as exc:
         raise LabCommandError(str(exc)) from None
+    tag = "[SIMULATED] " if simulated else ""
     if stopped:
-        _say(f"stopped {len(stopped)} process(es): {' '.join(map(str, sorted(stopped)))}")
+        _say(f"{tag}stopped {len(stopped)} process(es): {' '.join(map(str, sorted(stopped)))}")
     else:
-        _say("nothing was running")
+        _say(f"{tag}nothing was running")
     sys.stdout.flush()

@@ -170,7 +170,8 @@ def run_demo(out: Out, d: Path, n: int, fd: float) -> dict:
     out.say(f"outcome fallback after {wall:.1f}s: derived rhaas -> bootdev pxe + power cycle via the lab's "
             "serve (HIL API) -> root rhaas -> IPMI (rmcpplus) -> ipmi_sim:")
     for line in chassis_lines(victim, mark):
-        out.say(f"    ipmi_sim chassis: {line.split(' ', 2)[2] if line.count(' ') >= 2 else line}")
+        call = line.split(" ", 2)[2] if line.count(" ") >= 2 else line
+        out.say(f"    ipmi_sim chassis_control: {call.split(' -> ')[0]}")
     if now["boot_id"] == old["boot_id"] or now["image"] != "standby":
         raise LabError(f"{victim.name}: not back on a fresh standby boot ({now})")
     out.say(f"{victim.name} is back: image {now['image']}, new boot id {now['boot_id'][:8]} (was {old['boot_id'][:8]})")
@@ -216,7 +217,7 @@ def run_demo(out: Out, d: Path, n: int, fd: float) -> dict:
 
 
 def summary(out: Out, figures: dict, fd: float) -> None:
-    out.step("Comparison")
+    print("\n== Comparison", flush=True)
     k_full, k_exec, pxe = figures["kexec_full_s"], figures["kexec_exec_s"], figures["powercycle_s"]
     out.say(f"re-provision by kexec (pre-loaded, --exec)     {k_exec:6.1f} s")
     out.say(f"re-provision by kexec (full: upload+load+jump)  {k_full:6.1f} s")
@@ -250,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         if d.exists():
             shutil.rmtree(d)
         figures = run_demo(out, d, n, fd)
-        summary(out, figures, fd)
     except MissingToolError as e:
         print(f"rhaas demo: cannot run: {e}", file=sys.stderr)
         return 1
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             except BaseException as e:  # noqa: BLE001
                 print(f"rhaas demo: lab down failed: {e}", file=sys.stderr)
                 rc = rc or 1
+    if rc == 0 and figures:
+        summary(out, figures, fd)
     if rc == 0 and not os.environ.get("RHAAS_DEMO_KEEP"):
         shutil.rmtree(d, ignore_errors=True)
     elif d.exists():

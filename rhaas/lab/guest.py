@@ -546,36 +546,21 @@ while [ -e /run/rhaas-kexec-firing ]; do sleep 1; done
 exec /usr/sbin/dropbear -F -E -s -j -k -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
 """
 
-#: /sbin/kexec, a wrapper around the real binary (``/usr/lib/rhaas/kexec``) that removes
-#: two artefacts of emulation, so that a lab VM's kexec behaves like a server's:
-#:
-#: * ``-l``/``--load`` gets ``-i`` (``--no-checks``): purgatory's SHA-256 over the ~20 MB
-#:   of segments, a few tens of milliseconds on hardware, costs about 2.5 s of every jump
-#:   under TCG (measured: kexec -e -> SSH banner 4.3-4.8 s with it skipped, 7.1 s without).
-#:   Create ``/etc/rhaas-kexec-checks`` in an image to keep the checksum.
-#: * ``-e``/``--exec``: on a loaded 2-core host an emulated guest can take a while between
-#:   ``kexec -e`` being asked for and the jump, and its old sshd keeps accepting logins
-#:   meanwhile (a client polling for the new kernel then authenticates against a kernel
-#:   that vanishes mid-handshake).  The wrapper stops the listening dropbear first (it is
-#:   not respawned while ``/run/rhaas-kexec-firing`` exists), lets sessions already open
-#:   finish (at most 3 s), then jumps; if the jump fails, dropbear comes back.
+#: /sbin/kexec, a wrapper around the real binary (``/usr/lib/rhaas/kexec``).  On a loaded
+#: 2-core host an emulated guest can take a while between ``kexec -e`` being asked for and
+#: the jump, and its old sshd keeps accepting logins meanwhile: a client polling for the new
+#: kernel then authenticates against a kernel that vanishes mid-handshake (on hardware the
+#: jump follows at once).  For ``-e``/``--exec`` the wrapper stops the listening dropbear
+#: first (it is not respawned while ``/run/rhaas-kexec-firing`` exists), lets sessions
+#: already open finish (at most 3 s), then jumps; if the jump fails, dropbear comes back.
 #: Everything else goes straight to the real binary.
 KEXEC_WRAPPER = """\
 #!/bin/sh
 real=/usr/lib/rhaas/kexec
 fire=
-load=
-filesys=
 for a in "$@"; do
-    case "$a" in
-        -e|--exec) fire=1 ;;
-        -l|--load) load=1 ;;
-        -s|--kexec-file-syscall) filesys=1 ;;
-    esac
+    case "$a" in -e|--exec) fire=1 ;; esac
 done
-if [ -n "$load" ] && [ -z "$filesys" ] && [ ! -e /etc/rhaas-kexec-checks ]; then
-    exec $real -i "$@"
-fi
 [ -n "$fire" ] || exec $real "$@"
 [ "$(cat /sys/kernel/kexec_loaded 2>/dev/null)" = 1 ] || exec $real "$@"
 : > /run/rhaas-kexec-firing

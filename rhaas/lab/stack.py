@@ -733,6 +733,8 @@ def describe(stack: LabStack) -> list[str]:
         f"  RHAAS_UPSTREAM_PASSWORD=$(cat {rh['tenant']['password_file']}) {exe} init --upstream {rh['url']}"
         f" --project {rh['project']} --user {TENANT_USER}",
         f"  {exe} config set ssh-key {rh['client_key']}",
+        f"  {exe} config set upstream-timeout {float(rh.get('timeout', 120.0)) + 60:g}"
+        "   # the root kexecs each node into its standby image before a lease answers",
         f"  {exe} lease {len(stack.names)}",
         f"  {exe} image add second --kernel {rh['images']['second']['kernel']} "
         f"--initrd {rh['images']['second']['initrd']} --append '{APPEND}'",
