@@ -82,7 +82,8 @@ def rhaas_kexec(home, *args) -> tuple[float, dict]:
     try:
         res = json.loads(proc.stdout)[0]
     except (ValueError, IndexError):
-        raise RuntimeError(f"rhaas kexec {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        raise RuntimeError(f"rhaas kexec {' '.join(args)}: exit {proc.returncode}: "
+                           f"{proc.stderr.strip()[-300:]}") from None
     return wall, res
 
 

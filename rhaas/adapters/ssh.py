@@ -354,6 +354,10 @@ class Result:
         return err[-1].strip() if err else f"exit {self.exit}"
 
 
+def _utf8(latin1: str) -> str:
+    return latin1.encode("latin-1").decode("utf-8", "replace")
+
+
 class Session:
     """One authenticated SSH connection to a node: an opened ``fabric.Connection``."""
 
@@ -397,9 +401,11 @@ class Session:
             # no stdin (no stdin thread, nothing of ours forwarded), no pty, nothing echoed;
             # warn=True: a non-zero exit is an answer, not an exception. A session that
             # ended without an exit status gives exited == -1, as paramiko does.
+            # Invoke decodes each 1000-byte chunk on its own, which would garble a UTF-8
+            # character split between two; latin-1 maps bytes 1:1, decoded as a whole below.
             r = self.conn.run(
                 command, hide=True, warn=True, timeout=timeout, in_stream=False, pty=False, echo=False,
-                encoding="utf-8",
+                encoding="latin-1",
             )
         except CommandTimedOut:
             raise CommandTimeout(f"{node}: command did not finish within {timeout:g}s") from None
@@ -408,7 +414,7 @@ class Session:
             raise Unreachable(f"{node}: session lost: {_why(first)}") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise Unreachable(f"{node}: cannot open a session: {_why(exc)}") from None
-        return Result(r.exited, r.stdout, r.stderr)
+        return Result(r.exited, _utf8(r.stdout), _utf8(r.stderr))
 
     def sftp(self):
         if self._sftp is None:

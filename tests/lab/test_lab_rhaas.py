@@ -59,7 +59,9 @@ def test_lab_up_registered_everything(lab_stack):
 
     status = json.loads(lab_stack.root("lab", "status", "--dir", lab_stack.dir, "--json").stdout)
     assert status["serve"]["running"] and status["url"] == lab_stack.url
-    assert all(n["power"] and n["ssh_banner"] for n in status["nodes"])
+    assert [n["name"] for n in status["nodes"] if n["power"]] == ["lab-01", "lab-02"]
+    for name in ("lab-01", "lab-02"):  # and they answer SSH with the pinned key
+        assert node_state(lab_stack.node(name))["image"] in ("standby", "second")
 
 
 # ---------------------------------------------------------------------------
