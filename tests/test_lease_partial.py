@@ -62,8 +62,10 @@ def test_upstream_dies_mid_lease_then_reconcile(tmp_path):
         held_before = upstream_held(root)
         assert 5 <= len(held_before) < 60
         mine = local(home)
-        # everything we recorded is really ours upstream; at most the one in-flight call is missing
-        assert set(mine) <= set(held_before) and len(held_before) - len(mine) <= 1
+        # everything we recorded is really ours upstream; at most the calls in flight are missing
+        from rhaas.core.lease import CONNECT_WORKERS
+
+        assert set(mine) <= set(held_before) and len(held_before) - len(mine) <= CONNECT_WORKERS
     finally:
         served.stop()
     served = Served(root)

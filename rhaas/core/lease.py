@@ -13,6 +13,7 @@ from rhaas.errors import APIError, AuthorizationError, BlockedError, RhaasError,
 from rhaas.model import check_name, new_node, parse_ssh
 
 DETAIL_WORKERS = 8  # parallel show_node calls; a real HIL spends ~0.4 s of CPU on each
+CONNECT_WORKERS = 8  # connect_node calls in flight at once
 
 
 def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict:
@@ -82,27 +83,41 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
         return out
     held: list[str] = []
     stop_reason = None
-    for name in candidates:
-        if not names and len(held) >= count:
-            break
-        if stop_reason:
-            results.append(NodeResult.failed(name, stop_reason))
-            continue
+
+    def connect(name):
         try:
             client.connect_node(project, name)
-            held.append(name)
+            return name, None
         except BlockedError:
-            if names:
-                results.append(NodeResult.failed(name, "already leased by another project"))
+            return name, "already leased by another project"
         except (UpstreamUnreachable, AuthorizationError) as exc:
-            stop_reason = str(exc)
-            if names:
-                results.append(NodeResult.failed(name, exc))
+            return name, exc
         except APIError as exc:
-            if names:
-                results.append(NodeResult.failed(name, exc.msg or exc))
-        except KeyboardInterrupt:
-            stop_reason = "interrupted"
+            return name, exc.msg or str(exc)
+
+    # waves of concurrent connect_node calls: each wave asks for exactly what is still missing,
+    # and a node someone else took (409) is replaced by the next candidate in the next wave
+    queue = list(candidates)
+    try:
+        with ThreadPoolExecutor(max_workers=CONNECT_WORKERS) as pool:
+            while queue and not stop_reason:
+                need = len(queue) if names else count - len(held)
+                if need <= 0:
+                    break
+                wave, queue = queue[:need], queue[need:]
+                for name, err in pool.map(connect, wave):
+                    if err is None:
+                        held.append(name)
+                    elif isinstance(err, (UpstreamUnreachable, AuthorizationError)):
+                        stop_reason = str(err)
+                        if names:
+                            results.append(NodeResult.failed(name, err))
+                    elif names:
+                        results.append(NodeResult.failed(name, err))
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    if names and stop_reason:
+        results.extend(NodeResult.failed(n, stop_reason) for n in queue)
     if not names and len(held) < count:
         results.append(NodeResult.failed(f"({count - len(held)} more)", stop_reason or "not enough free nodes upstream"))
     shown = _details(client, held) if held else {}
