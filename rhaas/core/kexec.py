@@ -60,6 +60,7 @@ class KexecOptions:
     parallel: int = 64
     fallback: bool = True
     first_poll: float = 0.5  # the jump happens 0.2 s after the command returns
+    poll_connect_timeout: float = 2.0  # banner wait of a post-jump poll at first (grows with the wait)
     poll_interval: float = 0.25  # while the node refuses connections (cheap)
     busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
     processes: int | None = None  # None: decided by the number of nodes and CPUs
@@ -517,6 +518,7 @@ class _NodeRun:
         self.kexec_reason: str | None = None  # set once we are in the fallback
         self.uploaded = 0
         self.polls = {"down": 0, "old": 0}
+        self.last_poll_error: str | None = None
         self.result: KexecResult | None = None
         self._next = self._load
 
@@ -627,20 +629,32 @@ class _NodeRun:
 
     def _poll(self) -> float | None:
         """One attempt to reach the node after the jump: down, old kernel, or the new boot."""
-        from rhaas.adapters.ssh import Commands, CommandTimeout, Unreachable, cmdline_has
+        from rhaas.adapters.ssh import AuthFailed, Commands, CommandTimeout, Unreachable, cmdline_has
 
         now = time.monotonic()
         left = self.deadline - now
         if left <= 0:
             if self.saw_old:
                 return self._failed(f"came back with old boot id {self.old_boot_id}")
+            if self.last_poll_error:
+                return self._failed(f"did not come back within {self.opts.timeout:g}s (last: {self.last_poll_error})")
             return self._failed(f"did not come back within {self.opts.timeout:g}s")
+        # A booting node may accept TCP long before its sshd answers (QEMU's slirp does, so do
+        # some BMC-NAT set-ups): a poll waits for the banner only briefly at first, then longer
+        # as the wait grows, so a slow machine is not mistaken for a dead node.
+        poll_timeout = min(self.opts.connect_timeout, max(self.opts.poll_connect_timeout, 0.25 * (now - self.fired_at)))
         try:
-            sess = self._connect(min(self.opts.connect_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)))
+            sess = self._connect(min(poll_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)))
         except Unreachable:
             self.polls["down"] += 1
             if self.down_at is None:
                 self.down_at = now
+            return min(time.monotonic() + self.opts.poll_interval, self.deadline)
+        except AuthFailed as exc:
+            # the node vanished in the middle of the login (the jump under way), or the new
+            # image does not let us in: not an answer yet; the deadline decides
+            self.polls["down"] += 1
+            self.last_poll_error = str(exc)
             return min(time.monotonic() + self.opts.poll_interval, self.deadline)
         t_up = time.monotonic()
         try:
@@ -693,6 +707,7 @@ class _NodeRun:
         self.deadline = self.fired_at + self.opts.timeout
         self.down_at = None
         self.saw_old = False
+        self.last_poll_error = None
         self.busy_wait = self.opts.poll_interval
         for k in ("down", "up", "verify"):
             self.phases.pop(k, None)
