@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import rhaas
+from worlds import rhaas
 from rhaas import __version__
 from rhaas.cli import COMMANDS, cli
 from rhaas.model import new_node

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import make_root, plain_node, rhaas
+from worlds import make_root, plain_node, rhaas
 
 
 def unchanged(home, *args, code=2, env=None, input=None, timeout=60):

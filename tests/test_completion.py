@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_root, plain_node, rhaas
+from worlds import ROOT, make_root, plain_node, rhaas
 from rhaas.cli.completion import SHELLS, completion_script
 from rhaas.model import new_node
 from rhaas.store import Store

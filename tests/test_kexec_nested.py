@@ -15,7 +15,7 @@ import pytest
 from farm_fixtures import _farm_process, client_key, farm_home, install_client_key, sim_farm  # noqa: F401
 from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401
 
-from conftest import make_root, rhaas
+from worlds import make_root, rhaas
 from rhaas.model import new_node
 from rhaas.store import Store
 

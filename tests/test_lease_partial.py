@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, Served, make_root, plain_node, rhaas, wait_for
+from worlds import ROOT, Served, make_root, plain_node, rhaas, wait_for
 from rhaas.store import Store
 
 ENV = {"RHAAS_UPSTREAM_PASSWORD": "pw"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_root, plain_node, rhaas, wait_for
+from worlds import make_root, plain_node, rhaas, wait_for
 from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401  (a fixture, used by name)
 from rhaas.store import Store
 

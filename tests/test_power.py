@@ -430,7 +430,7 @@ def test_cli_help_has_examples():
 
 
 def test_leased_node_power_goes_through_upstream_to_bmc(tmp_path, ipmi_sim_factory, start_serve):
-    from conftest import make_root
+    from worlds import make_root
 
     sim = ipmi_sim_factory("node-01", power_on=True)
     root = tmp_path / "root"

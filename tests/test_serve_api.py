@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import make_root, plain_node
+from worlds import make_root, plain_node
 
 USERS = (
     ("admin", "adminpw", True, ()),

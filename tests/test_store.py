@@ -12,7 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ROOT, make_root, plain_node, rhaas
+from worlds import ROOT, make_root, plain_node, rhaas
 from rhaas.store import Store
 
 

@@ -7,7 +7,7 @@ import json
 
 from farm_fixtures import _farm_process, client_key, farm_home, sim_farm  # noqa: F401
 
-from conftest import rhaas
+from worlds import rhaas
 from rhaas.model import fingerprint
 
 

@@ -1,0 +1,110 @@
+"""Worlds for tests: the CLI as a subprocess, `rhaas serve` processes, root instances.
+
+Every process started here is stopped by its PID (see Served.stop and the conftest fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rhaas(home, *args, input=None, env=None, timeout=60, check=False):
+    """Run the real CLI as a subprocess, the way a user or a script does."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
+    full_env["RHAAS_HOME"] = str(home)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "rhaas", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=str(ROOT),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rhaas {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+class Served:
+    """A `rhaas serve` process on a loopback port."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
+        env["RHAAS_HOME"] = str(home)
+        self.log = open(home / "serve.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rhaas", "serve", "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"serve did not start: {line!r}; log: {(home / 'serve.log').read_text()}")
+        self.port = int(m.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def make_root(home, nodes=(), users=(("admin", "adminpw", True, ()),), projects=()):
+    """A root instance: registered nodes, projects, users (name, password, admin, projects)."""
+    rhaas(home, "init", check=True)
+    from rhaas.store import Store
+
+    store = Store(home)
+    with store.transaction("test") as tx:
+        tx.put_nodes(nodes)
+    for p in projects:
+        rhaas(home, "project", "add", p, check=True)
+    for name, pw, admin, projs in users:
+        args = ["user", "add", name, "--password-stdin"] + (["--admin"] if admin else [])
+        for p in projs:
+            args += ["--project", p]
+        rhaas(home, *args, input=pw + "\n", check=True)
+    return store
+
+
+def plain_node(i: int, **kw):
+    from rhaas.model import new_node
+
+    return new_node(
+        f"node-{i:02d}",
+        "registered",
+        ssh=f"root@127.0.0.{i}:22",
+        nics=[{"label": "eth0", "macaddr": f"52:54:00:00:00:{i:02x}", "networks": {}}],
+        metadata={"rack": "r1"},
+        **kw,
+    )
+
+
+def wait_for(pred, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
