@@ -332,6 +332,7 @@ class Store:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+            write_names_index(self.home, data)
         except OSError as exc:
             try:
                 os.unlink(tmp)
@@ -340,6 +341,33 @@ class Store:
             if exc.errno == errno.ENOSPC:
                 raise StoreError(f"no space left to write {self.path}; nothing was changed") from None
             raise StoreError(f"cannot write {self.path}: {exc.strerror}") from None
+
+
+def write_names_index(home: Path, data: dict) -> dict | None:
+    """A small file of node, image and network names for tab completion.
+
+    It is keyed by the identity of the inventory file it describes (inode, mtime, size), so a
+    reader can tell at once whether it still matches. Best effort: a failure only makes the next
+    TAB parse the inventory itself.
+    """
+    try:
+        st = os.stat(Path(home) / DB_NAME)
+        doc = {
+            "key": [st.st_ino, st.st_mtime_ns, st.st_size],
+            "nodes": [[d["name"], d.get("source"), d.get("project")] for d in data.get("nodes", {}).values()],
+            "images": [d["name"] for d in data.get("images", {}).values()],
+            "networks": [d["name"] for d in data.get("networks", {}).values()],
+        }
+        cache = Path(home) / "cache"
+        cache.mkdir(mode=0o700, exist_ok=True)
+        tmp = cache / f".names.{os.getpid()}.{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(doc, separators=(",", ":")))
+        os.replace(tmp, cache / "names.json")
+    except OSError:
+        return None
+    return doc
 
 
 def _default_actor() -> str:

@@ -77,3 +77,15 @@ def test_lease_completes_upstream_free_nodes(tmp_path, start_serve):
 
 def test_completion_without_an_instance_is_quiet(rhaas_home):
     assert bash_complete(rhaas_home, "rhaas free ") == []
+
+
+def test_completion_index_follows_every_write(rhaas_home):
+    """The names index the store writes is never stale: it names the inventory it describes."""
+    rhaas(rhaas_home, "init", check=True)
+    rhaas(rhaas_home, "node", "register", "rack-a1", "--ssh", "root@127.0.0.1", check=True)
+    assert bash_complete(rhaas_home, "rhaas show rack-") == ["rack-a1"]
+    rhaas(rhaas_home, "node", "register", "rack-a2", "--ssh", "root@127.0.0.2", check=True)
+    assert bash_complete(rhaas_home, "rhaas show rack-") == ["rack-a1", "rack-a2"]
+    # an index that does not match the inventory (e.g. a copied home) is rebuilt, not trusted
+    (rhaas_home / "cache" / "names.json").write_text('{"key": [0, 0, 0], "nodes": [["ghost", null, null]]}')
+    assert bash_complete(rhaas_home, "rhaas show ") == ["rack-a1", "rack-a2"]

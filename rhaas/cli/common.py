@@ -10,13 +10,14 @@ from functools import cached_property
 import click
 
 from rhaas.errors import UsageError
-from rhaas.store import Store
 
 
 class App:
     """What a command needs: the store, the settings, the upstream client (all lazy)."""
 
     def __init__(self):
+        from rhaas.store import Store  # not at import time: tab completion never needs TinyDB
+
         self.store = Store()
 
     def snapshot(self):
