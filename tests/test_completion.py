@@ -33,7 +33,7 @@ def bash_complete(home, words: str) -> list[str]:
 source {ROOT / 'completions' / 'rhaas.bash'}
 COMP_WORDS=({words})
 COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))
-[[ "{words}" == *" " ]] && COMP_WORDS+=("") && COMP_CWORD=${{#COMP_WORDS[@]}}-1
+[[ "{words}" == *" " ]] && COMP_WORDS+=("") && COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))
 _rhaas_completion rhaas
 printf '%s\\n' "${{COMPREPLY[@]}}"
 """
