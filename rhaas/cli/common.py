@@ -12,6 +12,19 @@ import click
 from rhaas.errors import UsageError
 
 
+class CommandError(click.ClickException):
+    """A RhaasError on its way out: one line on stderr, the error's own exit code."""
+
+    prefix = "rhaas"
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"{self.prefix}: error: {self.format_message()}", err=True)
+
+
 class App:
     """What a command needs: the store, the settings, the upstream client (all lazy)."""
 

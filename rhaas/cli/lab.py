@@ -12,16 +12,13 @@ import sys
 
 import click
 
+from rhaas.cli.common import CommandError
+
 DIR_HELP = "Lab directory (default: $RHAAS_LAB_DIR or ./.lab)."
 
 
-class LabCommandError(click.ClickException):
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file=None) -> None:
-        click.echo(f"rhaas lab: error: {self.format_message()}", err=True)
+class LabCommandError(CommandError):
+    prefix = "rhaas lab"
 
 
 def _say(msg: str) -> None:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import click
 
+from rhaas.cli.common import (
+    App,
+    CommandError,
+    dry_run_option,
+    emit_json,
+    expand_nodes,
+    is_terminal,
+    json_option,
+    pass_app,
+)
 from rhaas.cli.complete import complete_nodes
-from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, is_terminal, json_option, pass_app
 from rhaas.errors import RhaasError
 
 POWER_OPS = ("on", "off", "cycle", "reset", "status")  # mirrors rhaas.core.power (not imported: startup)
@@ -13,17 +22,6 @@ BOOT_DEVICES = ("pxe", "disk", "none")
 
 _DONE = {"on": "powered on", "off": "powered off", "cycle": "power cycled", "reset": "reset"}
 _WHAT = {"on": "power on", "off": "power off", "cycle": "power cycle", "reset": "reset", "status": "read power status"}
-
-
-class CommandError(click.ClickException):
-    """A RhaasError on its way out: one line on stderr, the error's own exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file=None) -> None:
-        click.echo(f"rhaas: error: {self.format_message()}", err=True)
 
 
 def _parallel_option(f):

@@ -10,10 +10,18 @@ from typing import Self
 
 import click
 
-from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, is_terminal, json_option, pass_app
+from rhaas.cli.common import (
+    App,
+    CommandError,
+    dry_run_option,
+    emit_json,
+    expand_nodes,
+    is_terminal,
+    json_option,
+    pass_app,
+)
 from rhaas.cli.complete import complete_images, complete_nodes
 from rhaas.cli.output import phases_text, table
-from rhaas.cli.power import CommandError
 from rhaas.errors import RhaasError, UsageError
 
 OK_OUTCOMES = {"ok", "loaded"}
