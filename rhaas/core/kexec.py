@@ -60,7 +60,7 @@ class KexecOptions:
     parallel: int = 64
     fallback: bool = True
     first_poll: float = 0.5  # the jump happens 0.2 s after the command returns
-    poll_connect_timeout: float = 2.0  # banner wait of a post-jump poll at first (grows with the wait)
+    poll_connect_timeout: float = 1.0  # banner wait of a post-jump poll at first (grows with the wait)
     poll_interval: float = 0.25  # while the node refuses connections (cheap)
     busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
     processes: int | None = None  # None: decided by the number of nodes and CPUs
@@ -642,7 +642,7 @@ class _NodeRun:
         # A booting node may accept TCP long before its sshd answers (QEMU's slirp does, so do
         # some BMC-NAT set-ups): a poll waits for the banner only briefly at first, then longer
         # as the wait grows, so a slow machine is not mistaken for a dead node.
-        poll_timeout = min(self.opts.connect_timeout, max(self.opts.poll_connect_timeout, 0.25 * (now - self.fired_at)))
+        poll_timeout = min(self.opts.connect_timeout, max(self.opts.poll_connect_timeout, 0.1 * (now - self.fired_at)))
         try:
             sess = self._connect(min(poll_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)))
         except Unreachable:
