@@ -34,62 +34,90 @@ def _load_vm_module():
     return mod
 
 
-def run(node_dir: str, op: str, args: list[str]) -> tuple[int, list[str]]:
-    vmmod = _load_vm_module()
-    vm = vmmod.VM(node_dir)
+def dispatch(op: str, args: list[str], chassis) -> tuple[int, list[str]]:
+    """ipmi_sim's chassis_control contract, over any chassis.
+
+    ``chassis`` has ``power() -> bool``, ``boot() -> str``, ``set_power(value)``,
+    ``reset()``, ``set_boot(dev)`` and ``shutdown()``; this VM's chassis and the
+    state-only one of simulated nodes (:mod:`rhaas.lab.simchassis`) share this parser.
+    """
     out: list[str] = []
     if op == "get":
         for p in args:
             if p == "power":
-                out.append(f"power:{1 if vm.is_running() else 0}")
+                out.append(f"power:{1 if chassis.power() else 0}")
             elif p == "boot":
-                out.append(f"boot:{vm.boot_device()}")
+                out.append(f"boot:{chassis.boot()}")
             else:
                 out.append(f"unknown parameter {p}")
                 return 1, out
         return 0, out
-    if op == "set":
-        i = 0
-        while i < len(args):
-            key = args[i]
-            val = args[i + 1] if i + 1 < len(args) else ""
-            i += 2
-            if key == "power":
-                if val == "0":
-                    vm.stop(timeout=2.0)
-                else:
-                    vm.start()
-            elif key == "reset":
-                vm.reset()
-            elif key == "boot":
-                vm.set_boot_device(val)
-            elif key == "shutdown":
-                vm.stop(timeout=10.0)
-            elif key == "identify":
-                if i < len(args) and args[i] == "force":
-                    i += 1
-            else:
-                out.append(f"unknown parameter {key}")
-                return 1, out
-        return 0, out
-    out.append(f"unknown operation {op}")
-    return 1, out
+    if op != "set":
+        return 1, [f"unknown operation {op}"]
+    i = 0
+    while i < len(args):
+        key = args[i]
+        val = args[i + 1] if i + 1 < len(args) else ""
+        i += 2
+        if key == "power":
+            chassis.set_power(val)
+        elif key == "reset":
+            chassis.reset()
+        elif key == "boot":
+            chassis.set_boot(val)
+        elif key == "shutdown":
+            chassis.shutdown()
+        elif key == "identify":
+            if i < len(args) and args[i] == "force":
+                i += 1
+        else:
+            return 1, [f"unknown parameter {key}"]
+    return 0, out
 
 
-def main(argv: list[str]) -> int:
+class VMChassis:
+    """The chassis of one lab VM: power is whether its QEMU runs."""
+
+    def __init__(self, node_dir: str):
+        self.vm = _load_vm_module().VM(node_dir)
+
+    def power(self) -> bool:
+        return self.vm.is_running()
+
+    def boot(self) -> str:
+        return self.vm.boot_device()
+
+    def set_power(self, value: str) -> None:
+        if value == "0":
+            self.vm.stop(timeout=2.0)
+        else:
+            self.vm.start()
+
+    def reset(self) -> None:
+        self.vm.reset()
+
+    def set_boot(self, dev: str) -> None:
+        self.vm.set_boot_device(dev)
+
+    def shutdown(self) -> None:
+        self.vm.stop(timeout=10.0)
+
+
+def main(argv: list[str], make_chassis=VMChassis, usage: str = "chassis.py NODE_DIR") -> int:
+    """Answer one ipmi_sim call, print the answer, and log it to DIR/chassis.log."""
     if len(argv) < 3:
-        print("usage: chassis.py NODE_DIR get|set PARAM [VALUE]...")
+        print(f"usage: {usage} get|set PARAM [VALUE]...")
         return 1
-    node_dir, op, args = argv[1], argv[2], argv[3:]
+    state_dir, op, args = argv[1], argv[2], argv[3:]
     t0 = time.monotonic()
     try:
-        rc, out = run(node_dir, op, args)
+        rc, out = dispatch(op, args, make_chassis(state_dir))
     except Exception as e:  # noqa: BLE001 - report to ipmi_sim, never traceback
         rc, out = 1, [f"error: {type(e).__name__}: {e}"]
     for line in out:
         print(line)
     try:
-        with open(os.path.join(node_dir, "chassis.log"), "a") as log:
+        with open(os.path.join(state_dir, "chassis.log"), "a") as log:
             log.write(f"{time.strftime('%F %T')} {op} {' '.join(args)} -> rc={rc} "
                       f"{'; '.join(out)} ({time.monotonic() - t0:.2f}s)\n")
     except OSError:

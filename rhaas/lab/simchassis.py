@@ -15,6 +15,7 @@ which polls the file every 0.1 s, to notice.  Every call is appended to
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -35,63 +36,46 @@ def _write(path: str, value: str) -> None:
     os.replace(tmp, path)
 
 
-def run(state_dir: str, op: str, args: list[str]) -> tuple[int, list[str]]:
-    power = os.path.join(state_dir, "power")
-    boot = os.path.join(state_dir, "boot")
-    out: list[str] = []
-    if op == "get":
-        for p in args:
-            if p == "power":
-                out.append(f"power:{'1' if _read(power, '0') == '1' else '0'}")
-            elif p == "boot":
-                out.append(f"boot:{_read(boot, 'pxe')}")
-            else:
-                out.append(f"unknown parameter {p}")
-                return 1, out
-        return 0, out
-    if op != "set":
-        return 1, [f"unknown operation {op}"]
-    i = 0
-    while i < len(args):
-        key = args[i]
-        val = args[i + 1] if i + 1 < len(args) else ""
-        i += 2
-        if key == "power":
-            _write(power, "1" if val == "1" else "0")
-        elif key == "boot":
-            _write(boot, val)
-        elif key == "reset":
-            if _read(power, "0") == "1":
-                _write(power, "0")
-                time.sleep(0.4)
-                _write(power, "1")
-        elif key == "shutdown":
-            _write(power, "0")
-        elif key == "identify":
-            if i < len(args) and args[i] == "force":
-                i += 1
-        else:
-            return 1, [f"unknown parameter {key}"]
-    return 0, out
+class FileChassis:
+    """A chassis that is two files: ``power`` (0/1) and ``boot``."""
+
+    def __init__(self, state_dir: str):
+        self.power_file = os.path.join(state_dir, "power")
+        self.boot_file = os.path.join(state_dir, "boot")
+
+    def power(self) -> bool:
+        return _read(self.power_file, "0") == "1"
+
+    def boot(self) -> str:
+        return _read(self.boot_file, "pxe")
+
+    def set_power(self, value: str) -> None:
+        _write(self.power_file, "1" if value == "1" else "0")
+
+    def reset(self) -> None:
+        if self.power():
+            _write(self.power_file, "0")
+            time.sleep(0.4)
+            _write(self.power_file, "1")
+
+    def set_boot(self, dev: str) -> None:
+        _write(self.boot_file, dev)
+
+    def shutdown(self) -> None:
+        _write(self.power_file, "0")
+
+
+def _load_chassis_module():
+    """The shared chassis_control parser, loaded by path: no ``rhaas`` package import."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_rhaas_lab_chassis", os.path.join(here, "chassis.py"))
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3:
-        print("usage: simchassis.py STATE_DIR get|set PARAM [VALUE]...")
-        return 1
-    state_dir, op, args = argv[1], argv[2], argv[3:]
-    try:
-        rc, out = run(state_dir, op, args)
-    except Exception as e:  # noqa: BLE001 - report to ipmi_sim, never a traceback
-        rc, out = 1, [f"error: {type(e).__name__}: {e}"]
-    for line in out:
-        print(line)
-    try:
-        with open(os.path.join(state_dir, "chassis.log"), "a") as log:
-            log.write(f"{time.strftime('%F %T')} {op} {' '.join(args)} -> rc={rc} {'; '.join(out)}\n")
-    except OSError:
-        pass
-    return rc
+    return _load_chassis_module().main(argv, FileChassis, "simchassis.py STATE_DIR")
 
 
 if __name__ == "__main__":

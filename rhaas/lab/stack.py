@@ -42,7 +42,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .vm import LabError, MissingToolError, free_port, kill_pid, mac_for, pid_alive, pid_cmdline, pid_matches
+from .vm import (
+    LabError,
+    MissingToolError,
+    free_port,
+    kill_pid,
+    mac_for,
+    pid_alive,
+    pid_cmdline,
+    pid_matches,
+    proc_list,
+)
 
 LAB_JSON = "lab.json"
 ROOT_HOME = "root"
@@ -145,11 +155,7 @@ def start_serve(home: str | os.PathLike, timeout: float = 30.0, verbose: bool = 
 
 
 def _environ(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return [e.decode(errors="replace") for e in fh.read().split(b"\0") if e]
-    except OSError:
-        return []
+    return proc_list(pid, "environ")
 
 
 def serve_pid_matches(pid: int | None, home: str | os.PathLike) -> bool:

@@ -84,12 +84,17 @@ def pid_alive(pid: int | None) -> bool:
     return state not in (b"Z", b"X", b"")
 
 
-def pid_cmdline(pid: int) -> list[str]:
+def proc_list(pid: int, name: str) -> list[str]:
+    """A NUL-separated /proc/PID file (cmdline, environ) as strings; [] if unreadable."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        with open(f"/proc/{pid}/{name}", "rb") as fh:
             return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
     except OSError:
         return []
+
+
+def pid_cmdline(pid: int) -> list[str]:
+    return proc_list(pid, "cmdline")
 
 
 def pid_matches(pid: int | None, marker: str) -> bool:
