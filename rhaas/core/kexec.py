@@ -520,6 +520,7 @@ class _NodeRun:
         self.polls = {"down": 0, "old": 0}
         self.last_poll_error: str | None = None
         self.result: KexecResult | None = None
+        self.link = None
         self._next = self._load
 
     def step(self) -> float | None:
@@ -541,6 +542,7 @@ class _NodeRun:
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
             fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
         )
+        self.link = None
 
     def _failed(self, reason: str, fallback: bool = True) -> float | None:
         if self.kexec_reason is not None:  # the fallback itself failed
@@ -553,9 +555,11 @@ class _NodeRun:
 
     # -- steps -------------------------------------------------------------------------------------
     def _connect(self, connect_timeout: float, command_timeout: float):
-        from rhaas.adapters.ssh import open_session
+        from rhaas.adapters.ssh import Link
 
-        return open_session(self.job.endpoint, self.ctx.pkey, connect_timeout, command_timeout)
+        if self.link is None:  # one Fabric Connection per node, for all of its sessions
+            self.link = Link(self.job.endpoint, self.ctx.pkey)
+        return self.link.open(connect_timeout, command_timeout)
 
     def _load(self) -> float | None:
         from rhaas.adapters.ssh import Commands, Unreachable
