@@ -128,6 +128,7 @@ def fabric_true(farm_json: str, key: str) -> None:
     from paramiko.config import SSHConfig
 
     nodes = json.loads(Path(farm_json).read_text())["nodes"]
+    t_group = time.monotonic()
     config = Config(ssh_config=SSHConfig())  # no ~/.ssh/config
     group = ThreadingGroup(
         *[n["ssh"] for n in nodes],
@@ -148,8 +149,8 @@ def fabric_true(farm_json: str, key: str) -> None:
         ok = sum(1 for r in exc.result.values() if not isinstance(r, BaseException))
         errors = sorted({f"{type(r).__name__}: {r}"[:120] for r in exc.result.values() if isinstance(r, BaseException)})
     wall = time.monotonic() - t0
-    print(json.dumps({"wall": wall, "ok": ok, "errors": errors[:5]}))
     group.close()
+    print(json.dumps({"wall": wall, "group_wall": time.monotonic() - t_group, "ok": ok, "errors": errors[:5]}))
 
 
 def main() -> int:
@@ -201,7 +202,7 @@ def main() -> int:
         for _ in range(repeat):  # alternate, so both see the same neighbours on this shared machine
             fab_wall, fab, fab_s, fab_cpu = timed(fabric_cmd, env, 1800, farm.proc.pid)
             doc = json.loads(fab.stdout.strip().splitlines()[-1]) if fab.stdout.strip() else {"wall": fab_wall, "ok": 0}
-            fab_runs.append((doc["wall"], doc["ok"], fab_s, fab_cpu))
+            fab_runs.append((doc["wall"], doc["ok"], fab_s, fab_cpu, doc.get("group_wall", doc["wall"]), fab_wall))
             if doc.get("errors"):
                 print(f"# fabric errors: {doc['errors']}", flush=True)
             wall, done, s, cpu = timed(rhaas + ["--image", "img", "--json"], env, 1800, farm.proc.pid)
@@ -211,7 +212,7 @@ def main() -> int:
             if ok < n:
                 reasons = sorted({r["reason"] for r in results if r["outcome"] != "ok"})
                 print(f"# kexec failures: {reasons[:5]} {done.stderr[-300:]}", flush=True)
-            print(f"# round: fabric {doc['wall']:.2f}s kexec {wall:.2f}s", flush=True)
+            print(f"# round: fabric run {doc['wall']:.2f}s (process {fab_wall:.2f}s), kexec {wall:.2f}s", flush=True)
 
         def report(prefix: str, runs) -> float:
             wall = statistics.median(r[0] for r in runs)
@@ -225,8 +226,13 @@ def main() -> int:
             return wall
 
         fab_wall = report(f"fabric.threadinggroup_true_{n}", fab_runs)
+        fab_group = statistics.median(r[4] for r in fab_runs)
+        fab_process = statistics.median(r[5] for r in fab_runs)
+        print(f"fabric.threadinggroup_true_{n}_group_wall_s {fab_group:.2f}", flush=True)
+        print(f"fabric.threadinggroup_true_{n}_process_wall_s {fab_process:.2f}", flush=True)
         kx_wall = report(f"kexec.full_{n}", kx_runs)
         print(f"kexec_vs_fabric_true_ratio {kx_wall / fab_wall:.2f}", flush=True)
+        print(f"kexec_vs_fabric_true_process_ratio {kx_wall / fab_process:.2f}", flush=True)
         with open(f"/proc/{farm.proc.pid}/status") as fh:
             rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
         print(f"farm.rss_{n}_mb {rss / 1024:.0f}", flush=True)

@@ -63,6 +63,7 @@ class KexecOptions:
     poll_connect_timeout: float = 1.0  # banner wait of a post-jump poll at first (grows with the wait)
     poll_interval: float = 0.25  # while the node refuses connections (cheap)
     busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
+    poll_lag: float = 2.0  # a due poll may wait this long behind nodes that have not started
     processes: int | None = None  # None: decided by the number of nodes and CPUs
 
 
@@ -366,7 +367,7 @@ def _run_jobs(jobs: list[_Job], ctx: _Context):
 
 
 def _run_in_threads(jobs: list[_Job], ctx: _Context, threads: int):
-    pool = _Pool(threads)
+    pool = _Pool(threads, ctx.opts.poll_lag)
     for job in jobs:
         pool.add(_NodeRun(job, ctx))
     pool.start()
@@ -438,12 +439,17 @@ class _Pool:
     """A fixed number of threads running node steps.
 
     A step returns the monotonic time of the node's next step, or None when the node is
-    done. Nodes waiting for a reboot sit in a timer heap and hold no thread; steps that are
-    due run before nodes that have not started, so a node's wait is measured fairly.
+    done. Nodes waiting for a reboot sit in a timer heap and hold no thread.
+
+    Nodes that have not started go before due polls, unless a poll has been due for more
+    than ``lag`` seconds. Every jump then starts as early as it can, and the reboots of the
+    last nodes to jump overlap with the verification of the others, instead of leaving the
+    cores idle at the end of the run; ``lag`` bounds how late a node is looked at.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, lag: float = 2.0):
         self.size = size
+        self.lag = lag
         self.results: queue.Queue = queue.Queue()
         self._cv = threading.Condition()
         self._fresh: deque = deque()
@@ -473,10 +479,12 @@ class _Pool:
         with self._cv:
             while not self._stopped:
                 now = time.monotonic()
-                if self._timed and self._timed[0][0] <= now:
+                if self._timed and self._timed[0][0] <= now - self.lag:
                     return heapq.heappop(self._timed)[2]
                 if self._fresh:
                     return self._fresh.popleft()
+                if self._timed and self._timed[0][0] <= now:
+                    return heapq.heappop(self._timed)[2]
                 if self._pending == 0:
                     return None
                 self._cv.wait(self._timed[0][0] - now if self._timed else None)
@@ -636,13 +644,9 @@ class _NodeRun:
         from rhaas.adapters.ssh import AuthFailed, Commands, CommandTimeout, Unreachable, cmdline_has
 
         now = time.monotonic()
-        left = self.deadline - now
-        if left <= 0:
-            if self.saw_old:
-                return self._failed(f"came back with old boot id {self.old_boot_id}")
-            if self.last_poll_error:
-                return self._failed(f"did not come back within {self.opts.timeout:g}s (last: {self.last_poll_error})")
-            return self._failed(f"did not come back within {self.opts.timeout:g}s")
+        # a poll that ran late (behind other nodes' work) still gets its attempt; the deadline
+        # is judged after it, in _again
+        left = max(0.0, self.deadline - now)
         # A booting node may accept TCP long before its sshd answers (QEMU's slirp does, so do
         # some BMC-NAT set-ups): a poll waits for the banner only briefly at first, then longer
         # as the wait grows, so a slow machine is not mistaken for a dead node.
@@ -653,13 +657,13 @@ class _NodeRun:
             self.polls["down"] += 1
             if self.down_at is None:
                 self.down_at = now
-            return min(time.monotonic() + self.opts.poll_interval, self.deadline)
+            return self._again(self.opts.poll_interval)
         except AuthFailed as exc:
             # the node vanished in the middle of the login (the jump under way), or the new
             # image does not let us in: not an answer yet; the deadline decides
             self.polls["down"] += 1
             self.last_poll_error = str(exc)
-            return min(time.monotonic() + self.opts.poll_interval, self.deadline)
+            return self._again(self.opts.poll_interval)
         t_up = time.monotonic()
         try:
             with sess:
@@ -670,7 +674,7 @@ class _NodeRun:
         except (Unreachable, CommandTimeout):
             # an sshd dying under us (the old kernel going away): not an answer yet
             self.polls["down"] += 1
-            return min(time.monotonic() + self.opts.poll_interval, self.deadline)
+            return self._again(self.opts.poll_interval)
         if boot_id is None:
             return self._failed(f"cannot read the boot id: {r.why()}")
         if boot_id == self.old_boot_id:
@@ -678,7 +682,7 @@ class _NodeRun:
             self.saw_old = True
             self.polls["old"] += 1
             self.busy_wait = min(self.busy_wait * 2, self.opts.busy_poll_max)
-            return min(time.monotonic() + self.busy_wait, self.deadline)
+            return self._again(self.busy_wait)
         down_at = self.down_at if self.down_at is not None else now
         self.phases["down"] = down_at - self.fired_at
         self.phases["up"] = t_up - down_at
@@ -690,6 +694,17 @@ class _NodeRun:
             self.old_boot_id = boot_id  # a fallback must see yet another boot
             return self._failed(f"booted without {nonce_arg} (cmdline: {cmdline[:200]})")
         return self._finish("ok", boot_id)
+
+    def _again(self, delay: float) -> float | None:
+        """When to poll next; once the deadline has passed, the node has failed to verify."""
+        now = time.monotonic()
+        if now < self.deadline:
+            return min(now + delay, self.deadline)
+        if self.saw_old:
+            return self._failed(f"came back with old boot id {self.old_boot_id}")
+        if self.last_poll_error:
+            return self._failed(f"did not come back within {self.opts.timeout:g}s (last: {self.last_poll_error})")
+        return self._failed(f"did not come back within {self.opts.timeout:g}s")
 
     def _fallback(self) -> float | None:
         """Boot device PXE and a power cycle through the node's backend, then wait for a new boot."""
