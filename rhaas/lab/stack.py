@@ -571,6 +571,11 @@ def status(dir: str | os.PathLike | None = None) -> dict:
     if info.get("simulated"):
         farm = info.get("farm") or {}
         out["farm"] = {"pid": farm.get("pid"), "running": pid_matches(farm.get("pid"), str(farm.get("dir", "\0")))}
+        if out["farm"]["running"]:
+            from rhaas.sim.farm import flush_states
+
+            with contextlib.suppress(OSError, RuntimeError):
+                flush_states(farm["dir"], farm["pid"], timeout=5.0)
         for nd in info.get("nodes", []):
             state = {}
             with contextlib.suppress(OSError, ValueError):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lab_helpers import assert_loopback_only
 
+from rhaas.sim.farm import read_state
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -87,15 +89,15 @@ def test_simulated_lab_up_derive_down(tmp_path):
         r = cli("kexec", "sim-0001", "--image", "second", "--json", home=home)
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)[0]
-        state = json.loads((d / "farm" / "state" / "sim-0001.json").read_text())
+        state = read_state(d / "farm", "sim-0001")
         assert res["outcome"] == "ok" and f"rhaas.nonce={res['nonce']}" in state["cmdline"]
         if shutil.which("ipmi_sim"):
-            old = json.loads((d / "farm" / "state" / "sim-0002.json").read_text())["boot_id"]
+            old = read_state(d / "farm", "sim-0002")["boot_id"]
             r = cli("power", "cycle", "sim-0002", "--json", home=home)
             assert r.returncode == 0 and json.loads(r.stdout)[0]["outcome"] == "ok", r.stderr
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                st2 = json.loads((d / "farm" / "state" / "sim-0002.json").read_text())
+                st2 = read_state(d / "farm", "sim-0002")
                 if st2["boot_id"] != old and st2["up"]:
                     break
                 time.sleep(0.1)
