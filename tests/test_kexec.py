@@ -360,3 +360,21 @@ def test_dry_run_changes_nothing(sim_farm, farm_home, rhaas_home, image):
     assert {n: sim_farm.state(n) for n in names} == before
     assert len(sim_farm.commands()) == seen
     assert not (rhaas_home / "known_hosts").exists()
+
+
+def test_the_farm_keeps_sftp_inside_the_node_root(sim_farm, farm_home, rhaas_home):
+    """The simulated node's path checks rely on there being no links under its root: SFTP
+    refuses to make one (a symlink to / would otherwise let `cat` read the host's files)."""
+    from rhaas.adapters import ssh
+
+    name = sim_farm.names[23]
+    n = sim_farm.node(name)
+    key_path, _ = ssh.ensure_client_key(farm_home(rhaas_home, [name]).home)
+    endpoint = ssh.Endpoint(name, ssh.parse_ssh(n["ssh"]), [n["host_key"]])
+    with ssh.open_session(endpoint, ssh.load_client_key(key_path), 5, 5) as sess:
+        sftp = sess.sftp()
+        with pytest.raises(OSError):
+            sftp.symlink("/", "/escape")
+        assert "escape" not in sftp.listdir("/")
+        r = sess.run("cat /escape/etc/hostname")
+        assert r.exit != 0 and r.stdout == ""

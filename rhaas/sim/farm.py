@@ -558,7 +558,6 @@ class SimNode:
         self.stuck = False  # down for good until its never_returns fault is lifted
         self.options: asyncssh.SSHServerConnectionOptions | None = None
         self.listen_options: asyncssh.SSHServerConnectionOptions | None = None  # built from options once
-        self._real_root: str | None = None
 
     @property
     def ssh(self) -> str:
@@ -602,14 +601,9 @@ class SimNode:
         p = posixpath.normpath("/" + path.lstrip("/"))
         if p.startswith(("/proc/", "/sys/", "/dev/")) or p in ("/proc", "/sys", "/dev"):
             raise ShellError(f"{path}: Permission denied")
-        real = self.root / p.lstrip("/")
-        if self._real_root is None:
-            self._real_root = os.path.realpath(self.root)
-        root = self._real_root
-        check = os.path.realpath(real.parent if for_write else real)
-        if check != root and not check.startswith(root + os.sep):
-            raise ShellError(f"{path}: Permission denied")
-        return real
+        # normpath has removed every "..", and no symlink can exist under the root (neither
+        # the shell nor the SFTP server (_NodeSFTP) makes one), so the path stays inside it
+        return self.root / p.lstrip("/")
 
     # -- kexec -----------------------------------------------------------------------------------
     async def kexec(self, args: list[str], fds) -> int:
@@ -745,6 +739,17 @@ class SimNode:
         }
 
 
+class _NodeSFTP(asyncssh.SFTPServer):
+    """SFTP chrooted to the node's root, without links: a symlink could point out of the
+    root, and the shell's path checks rely on there being none."""
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPPermissionDenied("links are not supported by the simulated node")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPPermissionDenied("links are not supported by the simulated node")
+
+
 class NodeServer(asyncssh.SSHServer):
     def __init__(self, node: SimNode):
         self.node = node
@@ -776,6 +781,31 @@ class NodeServer(asyncssh.SSHServer):
         return username == "root" and key.public_data in self.node.farm.authorized()
 
 
+class _FileWatch:
+    """A file's identity (inode, mtime, size), looked up at most every ``every`` seconds.
+
+    The farm asks about faults.json and authorized_keys on every command and login; one
+    stat per 20 ms keeps it from paying a syscall each time, and no client of the farm can
+    change a file and reach a node within 20 ms anyway.
+    """
+
+    def __init__(self, every: float = 0.02):
+        self.every = every
+        self._at = -1.0
+        self._sig = None
+
+    def signature(self, path: Path):
+        now = time.monotonic()
+        if now - self._at >= self.every:
+            self._at = now
+            try:
+                st = path.stat()
+                self._sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                self._sig = None
+        return self._sig
+
+
 # -- the farm ---------------------------------------------------------------------------------------------
 class Farm:
     def __init__(self, directory: Path, count: int, port: int, down_time: float, base: str,
@@ -799,6 +829,8 @@ class Farm:
         self._cmd_log = None
         self._dirty: set[SimNode] = set()
         self._flushes = 0
+        self._faults_watch = _FileWatch()
+        self._auth_watch = _FileWatch()
 
     # -- files the tests and rhaas read --------------------------------------------------------------
     def _host_keys(self) -> dict[str, str]:
@@ -832,7 +864,7 @@ class Farm:
                 server_factory=lambda node=node: NodeServer(node),
                 server_host_keys=[node.key],
                 process_factory=lambda proc, node=node: self.handle(node, proc),
-                sftp_factory=lambda chan, node=node: asyncssh.SFTPServer(chan, chroot=str(node.root).encode()),
+                sftp_factory=lambda chan, node=node: _NodeSFTP(chan, chroot=str(node.root).encode()),
                 encoding=None,
                 allow_pty=False,
                 allow_scp=False,
@@ -880,11 +912,7 @@ class Farm:
     # -- faults and keys, re-read when their files change ----------------------------------------------
     def fault(self, name: str, what: str):
         path = self.dir / "faults.json"
-        try:
-            st = path.stat()
-            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            sig = None
+        sig = self._faults_watch.signature(path)
         if sig != self._faults_sig:
             self._faults_sig = sig
             self._faults = {}
@@ -899,11 +927,7 @@ class Farm:
         return self._faults.get(name, {}).get(what)
 
     def authorized(self) -> set[bytes]:
-        try:
-            st = self.authorized_path.stat()
-            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            sig = None
+        sig = self._auth_watch.signature(self.authorized_path)
         if sig != self._auth_sig:
             self._auth_sig = sig
             keys: set[bytes] = set()
