@@ -21,7 +21,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not lab"
 
 bench: venv
-	RHAAS_BENCH_REPEAT=$${RHAAS_BENCH_REPEAT:-2} $(BIN)/python bench/run.py
+	RHAAS_BENCH_REPEAT=$${RHAAS_BENCH_REPEAT:-3} $(BIN)/python bench/run.py
 
 demo: venv
 	$(BIN)/python -m rhaas.lab.demo

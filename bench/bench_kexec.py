@@ -12,7 +12,11 @@ Both runs go against the same farm (one asyncssh process, lab notes §12) on thi
   (RejectPolicy) so both sides check the same things.
 
 Each runs as its own subprocess; RSS and threads are sampled over its process tree.
-Prints ``name value`` lines; the target is ``kexec_vs_fabric_true_ratio`` <= 1.0.
+Prints ``name value`` lines. The target is ``kexec_vs_fabric_true_ratio`` <= 1.0, and it is
+the strict reading: the whole ``rhaas kexec`` process (interpreter start, imports, inventory
+reads and writes, worker start) against Fabric's ``group.run("true")`` call alone (its
+imports, the 1,000 ``Connection`` objects and ``close()`` are outside its clock).
+``kexec_vs_fabric_true_process_ratio`` compares like with like: both whole processes.
 
 Environment: RHAAS_BENCH_NODES (1000), RHAAS_BENCH_REPEAT (1; rounds alternate Fabric and
 kexec, and medians are printed), RHAAS_BENCH_DOWN_TIME (0.5 s, the simulated reboot),
@@ -231,7 +235,9 @@ def main() -> int:
         print(f"fabric.threadinggroup_true_{n}_group_wall_s {fab_group:.2f}", flush=True)
         print(f"fabric.threadinggroup_true_{n}_process_wall_s {fab_process:.2f}", flush=True)
         kx_wall = report(f"kexec.full_{n}", kx_runs)
-        print(f"kexec_vs_fabric_true_ratio {kx_wall / fab_wall:.2f}", flush=True)
+        ratio = kx_wall / fab_wall
+        print(f"kexec_vs_fabric_true_ratio {ratio:.2f}  (target <= 1.0: {'ok' if ratio <= 1.0 else 'MISSED'})",
+              flush=True)
         print(f"kexec_vs_fabric_true_process_ratio {kx_wall / fab_process:.2f}", flush=True)
         with open(f"/proc/{farm.proc.pid}/status") as fh:
             rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
