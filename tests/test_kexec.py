@@ -378,3 +378,20 @@ def test_the_farm_keeps_sftp_inside_the_node_root(sim_farm, farm_home, rhaas_hom
         assert "escape" not in sftp.listdir("/")
         r = sess.run("cat /escape/etc/hostname")
         assert r.exit != 0 and r.stdout == ""
+
+
+def test_newc_archives_round_trip_with_device_nodes():
+    """One newc writer serves both the kexec overlay and the lab's guest initramfs, which
+    needs a /dev/console character device: type, mode, data and device numbers survive."""
+    import stat as st
+
+    from rhaas.core.overlay import CpioEntry, read_newc, write_newc
+
+    entries = [
+        CpioEntry("dev", st.S_IFDIR | 0o755),
+        CpioEntry("dev/console", st.S_IFCHR | 0o600, b"", (5, 1)),
+        CpioEntry("etc/x", st.S_IFREG | 0o640, b"abc\n"),
+    ]
+    blob = write_newc(entries)
+    assert len(blob) % 4 == 0
+    assert read_newc(blob) == entries

@@ -29,6 +29,7 @@ class CpioEntry:
     name: str  # relative, no leading "/"
     mode: int  # full st_mode (type bits + permissions)
     data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
 
     @property
     def is_dir(self) -> bool:
@@ -39,9 +40,9 @@ def _pad4(n: int) -> bytes:
     return b"\0" * (-n % 4)
 
 
-def _header(ino: int, mode: int, nlink: int, size: int, namesize: int) -> bytes:
+def _header(ino: int, mode: int, nlink: int, size: int, namesize: int, rdev: tuple[int, int] = (0, 0)) -> bytes:
     # ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
-    fields = (ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, namesize, 0)
+    fields = (ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev[0], rdev[1], namesize, 0)
     return NEWC_MAGIC + b"".join(b"%08X" % f for f in fields)
 
 
@@ -53,7 +54,7 @@ def write_newc(entries: list[CpioEntry]) -> bytes:
         if not name or b"\0" in name:
             raise ValueError(f"invalid cpio member name {e.name!r}")
         data = b"" if e.is_dir else e.data
-        out += _header(ino, e.mode, 2 if e.is_dir else 1, len(data), len(name) + 1)
+        out += _header(ino, e.mode, 2 if e.is_dir else 1, len(data), len(name) + 1, e.rdev)
         out += name + b"\0"
         out += _pad4(110 + len(name) + 1)
         out += data + _pad4(len(data))
@@ -150,7 +151,7 @@ def _parse_archive(buf: bytes, pos: int) -> tuple[list[CpioEntry], int]:
         pos = data_start + size + (-size % 4)
         if name == TRAILER:
             return out, pos
-        out.append(CpioEntry(name, mode, data))
+        out.append(CpioEntry(name, mode, data, (f[9], f[10])))
 
 
 def overlay_files(blob: bytes) -> dict[str, bytes]:

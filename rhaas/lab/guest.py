@@ -23,7 +23,6 @@ import dataclasses
 import fcntl
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -35,10 +34,12 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Union
 
+from rhaas.core.overlay import CpioEntry, write_newc
+
 from .vm import LabError
 
 #: Bump when the image layout / scripts change, to invalidate caches.
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"
 
 IMAGE_IDS = ("standby", "second")
 STANDBY = "standby"
@@ -134,37 +135,8 @@ class GuestImages:
 
 
 # ---------------------------------------------------------------------------
-# newc cpio writer (pure Python) and overlays
+# overlays (the newc writer is rhaas.core.overlay's)
 # ---------------------------------------------------------------------------
-
-class _NewcWriter:
-    def __init__(self, fh: BinaryIO):
-        self.fh = fh
-        self.ino = 1000
-
-    def entry(self, name: str, mode: int, data: bytes = b"", *,
-              rdev: tuple[int, int] = (0, 0), mtime: int | None = None) -> None:
-        name_b = name.encode() + b"\0"
-        self.ino += 1
-        fields = (
-            self.ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1,
-            int(time.time()) if mtime is None else mtime,
-            len(data), 0, 0, rdev[0], rdev[1], len(name_b), 0,
-        )
-        hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
-        self.fh.write(hdr + name_b)
-        self.fh.write(b"\0" * (-(len(hdr) + len(name_b)) % 4))
-        self.fh.write(data)
-        self.fh.write(b"\0" * (-len(data) % 4))
-
-    def trailer(self) -> None:
-        self.ino = 0
-        name_b = b"TRAILER!!!\0"
-        hdr = b"070701" + b"".join(
-            b"%08X" % f for f in (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(name_b), 0))
-        self.fh.write(hdr + name_b)
-        self.fh.write(b"\0" * (-(len(hdr) + len(name_b)) % 4))
-
 
 FileSpec = Union[bytes, str, "tuple[bytes | str, int]"]
 
@@ -172,7 +144,7 @@ FileSpec = Union[bytes, str, "tuple[bytes | str, int]"]
 def _overlay_bytes(files: Mapping[str, FileSpec], dirs: Mapping[str, int] | None,
                    devices: Mapping[str, tuple[int, int, int]] | None = None) -> bytes:
     dirs = {k.strip("/"): v for k, v in (dirs or {}).items()}
-    entries: list[tuple[str, int, bytes, tuple[int, int]]] = []
+    entries: list[CpioEntry] = []
     seen_dirs: set[str] = set()
 
     def add_parents(path: str) -> None:
@@ -181,7 +153,7 @@ def _overlay_bytes(files: Mapping[str, FileSpec], dirs: Mapping[str, int] | None
             d = "/".join(parts[:i])
             if d not in seen_dirs:
                 seen_dirs.add(d)
-                entries.append((d, stat.S_IFDIR | dirs.get(d, 0o755), b"", (0, 0)))
+                entries.append(CpioEntry(d, stat.S_IFDIR | dirs.get(d, 0o755)))
 
     for d in sorted(dirs):
         add_parents(d + "/x")
@@ -194,18 +166,12 @@ def _overlay_bytes(files: Mapping[str, FileSpec], dirs: Mapping[str, int] | None
         if isinstance(data, str):
             data = data.encode()
         add_parents(path)
-        entries.append((path, stat.S_IFREG | mode, data, (0, 0)))
+        entries.append(CpioEntry(path, stat.S_IFREG | mode, data))
     for path, (mode, major, minor) in (devices or {}).items():
         path = path.strip("/")
         add_parents(path)
-        entries.append((path, stat.S_IFCHR | mode, b"", (major, minor)))
-
-    buf = io.BytesIO()
-    w = _NewcWriter(buf)
-    for name, mode, data, rdev in entries:
-        w.entry(name, mode, data, rdev=rdev)
-    w.trailer()
-    return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
+        entries.append(CpioEntry(path, stat.S_IFCHR | mode, b"", (major, minor)))
+    return gzip.compress(write_newc(entries), compresslevel=6, mtime=0)
 
 
 def make_overlay(files: Mapping[str, FileSpec], out: Union[str, os.PathLike, BinaryIO, None] = None,
