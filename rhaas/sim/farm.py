@@ -1066,7 +1066,7 @@ class FarmProcess:
 
     def state(self, name: str) -> dict:
         """What the node reports: up, boot_id, cmdline, loaded, boots (as of this call)."""
-        return read_state(self.dir, name, self.proc.pid)
+        return read_state(self.dir, name, self._live_pid())
 
     def set_faults(self, faults: dict) -> None:
         _write_json(self.dir / "faults.json", faults)
@@ -1084,9 +1084,13 @@ class FarmProcess:
             out.append((node, ast.literal_eval(cmd)))
         return out
 
+    def _live_pid(self) -> int | None:
+        """The farm's PID while it runs; None once it has exited (its files are final then)."""
+        return self.proc.pid if self.proc.poll() is None else None
+
     def states(self, names) -> dict[str, dict]:
         """``state`` of several nodes, from one flush."""
-        flush_states(self.dir, self.proc.pid)
+        flush_states(self.dir, self._live_pid())
         return {n: json.loads((self.dir / "state" / f"{n}.json").read_text()) for n in names}
 
     def wait_up(self, names, timeout: float = 15.0) -> None:
@@ -1111,26 +1115,23 @@ class FarmProcess:
                 self.proc.wait()
 
 
-def read_state(directory: Path | str, name: str, pid: int | None = None, timeout: float = 10.0) -> dict:
-    """A node's state file, brought up to date first by the running farm (our child, by PID).
+def read_state(directory: Path | str, name: str, pid: int | None, timeout: float = 10.0) -> dict:
+    """A node's state file, brought up to date first by the running farm ``pid`` (a process
+    we started; None when it has exited, and its files are as it left them when it stopped).
 
     The farm writes state files only on request: the counter in ``state/.flushed`` is read,
     the farm gets SIGUSR1, and the file is read once the counter has moved (a flush that
-    ends after the counter was read includes every change made before this call). With the
-    farm gone, the files are as it left them when it stopped.
+    ends after the counter was read includes every change made before this call).
     """
     flush_states(directory, pid, timeout)
     return json.loads((Path(directory) / "state" / f"{name}.json").read_text())
 
 
-def flush_states(directory: Path | str, pid: int | None = None, timeout: float = 10.0) -> None:
-    """Have the running farm in ``directory`` write its state files now (see read_state)."""
-    state_dir = Path(directory) / "state"
+def flush_states(directory: Path | str, pid: int | None, timeout: float = 10.0) -> None:
+    """Have the running farm ``pid`` (ours) write its state files in ``directory`` now."""
     if pid is None:
-        try:
-            pid = int((Path(directory) / "farm.pid").read_text())
-        except (OSError, ValueError):
-            return
+        return
+    state_dir = Path(directory) / "state"
     before = _flush_count(state_dir)
     try:
         os.kill(pid, signal.SIGUSR1)

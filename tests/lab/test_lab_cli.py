@@ -89,15 +89,15 @@ def test_simulated_lab_up_derive_down(tmp_path):
         r = cli("kexec", "sim-0001", "--image", "second", "--json", home=home)
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)[0]
-        state = read_state(d / "farm", "sim-0001")
+        state = read_state(d / "farm", "sim-0001", info["farm"]["pid"])
         assert res["outcome"] == "ok" and f"rhaas.nonce={res['nonce']}" in state["cmdline"]
         if shutil.which("ipmi_sim"):
-            old = read_state(d / "farm", "sim-0002")["boot_id"]
+            old = read_state(d / "farm", "sim-0002", info["farm"]["pid"])["boot_id"]
             r = cli("power", "cycle", "sim-0002", "--json", home=home)
             assert r.returncode == 0 and json.loads(r.stdout)[0]["outcome"] == "ok", r.stderr
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                st2 = read_state(d / "farm", "sim-0002")
+                st2 = read_state(d / "farm", "sim-0002", info["farm"]["pid"])
                 if st2["boot_id"] != old and st2["up"]:
                     break
                 time.sleep(0.1)
