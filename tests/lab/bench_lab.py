@@ -18,14 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lab_helpers import STATE_CMD, parse_state  # noqa: E402 - beside this script
+
 from rhaas.lab import Lab, build_guest, default_cache_dir  # noqa: E402
-
-STATE = "cat /proc/sys/kernel/random/boot_id; cat /etc/rhaas-image; cat /proc/cmdline"
-
-
-def state(text: str) -> tuple[str, str, str]:
-    a, b, c = text.strip().splitlines()[:3]
-    return a.strip(), b.strip(), c.strip()
 
 
 def bench_lab(delay: float, cache: Path, workdir: Path) -> dict[str, float]:
@@ -37,7 +32,7 @@ def bench_lab(delay: float, cache: Path, workdir: Path) -> dict[str, float]:
     try:
         r["lab up -> SSH"] = time.monotonic() - t0
         node = lab.nodes[0]
-        boot_id = state(node.run(STATE)[1])[0]
+        boot_id = parse_state(node.run(STATE_CMD)[1])["boot_id"]
         nonce = secrets.token_hex(4)
         c = node.ssh()
         t0 = time.monotonic()
@@ -56,19 +51,19 @@ def bench_lab(delay: float, cache: Path, workdir: Path) -> dict[str, float]:
         c.close()
         t0 = time.monotonic()
         time.sleep(0.5)
-        out = node.wait_ssh(180, command=STATE, until=lambda t: state(t)[0] != boot_id
-                            and f"rhaas.nonce={nonce}" in state(t)[2])
+        out = node.wait_ssh(180, command=STATE_CMD, until=lambda t: parse_state(t)["boot_id"] != boot_id
+                            and f"rhaas.nonce={nonce}" in parse_state(t)["cmdline"])
         r["kexec -e -> verified"] = time.monotonic() - t0
-        assert state(out)[1] == "second"
-        boot_id = state(out)[0]
+        assert parse_state(out)["image"] == "second"
+        boot_id = parse_state(out)["boot_id"]
         conn = node.ipmi_connection()
         with conn:
             conn.set_boot_options(BootDevice.PXE, "legacy", False)
             t0 = time.monotonic()
             conn.chassis_control_power_cycle()
-        out = node.wait_ssh(240, command=STATE, until=lambda t: state(t)[0] != boot_id)
+        out = node.wait_ssh(240, command=STATE_CMD, until=lambda t: parse_state(t)["boot_id"] != boot_id)
         r["ipmi power cycle -> SSH"] = time.monotonic() - t0
-        assert state(out)[1] == "standby"
+        assert parse_state(out)["image"] == "standby"
     finally:
         lab.down()
     return r

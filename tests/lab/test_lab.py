@@ -9,21 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from lab_helpers import STATE_CMD, assert_loopback_only, node_state, parse_state, sockets_of
 
 pytestmark = pytest.mark.lab
 
-STATE_CMD = ("cat /proc/sys/kernel/random/boot_id; cat /etc/rhaas-image; cat /proc/cmdline")
-
-
-def parse_state(out: str) -> dict:
-    lines = out.strip().splitlines()
-    return {"boot_id": lines[0].strip(), "image": lines[1].strip(), "cmdline": lines[2].strip()}
-
-
-def current_state(node) -> dict:
-    rc, out, err = node.run(STATE_CMD)
-    assert rc == 0, err
-    return parse_state(out)
 
 
 # ---------------------------------------------------------------------------
@@ -35,7 +24,7 @@ def test_kexec_into_second_image(lab, timings):
 
     node = lab.nodes[0]
     images = lab.info["images"]
-    before = current_state(node)
+    before = node_state(node)
     assert before["image"] in ("standby", "second")
     assert len(before["boot_id"]) == 36
 
@@ -97,7 +86,7 @@ def test_ipmi_power_cycle_pxe(lab, timings):
     from pyipmi.chassis import BootDevice
 
     node = lab.nodes[0]
-    before = current_state(node)
+    before = node_state(node)
     pid_before = node.vm.pid()
 
     conn = node.ipmi_connection()
@@ -131,7 +120,7 @@ def test_ipmi_bootdev_disk_reset_and_power_off_on(lab, timings):
     vm = node.vm
     vm.set_disk_image("second")  # what is "installed on disk"
     try:
-        before = current_state(node)
+        before = node_state(node)
         conn = node.ipmi_connection()
         with conn:
             conn.set_boot_options(BootDevice.DEFAULT_HDD, "legacy", False)
@@ -192,8 +181,6 @@ def test_ipmi_wrong_password_rejected(lab):
 # ---------------------------------------------------------------------------
 
 def test_lab_json_secrets_and_loopback_only(lab_stack):
-    from lab_helpers import assert_loopback_only, sockets_of
-
     d = lab_stack.dir
     info = json.loads((d / "lab.json").read_text())
     assert info["state"] == "up" and info["simulated"] is False
