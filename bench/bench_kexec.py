@@ -162,7 +162,7 @@ def main() -> int:
         fabric_true(sys.argv[2], sys.argv[3])
         return 0
 
-    from rhaas.adapters.ssh import ensure_client_key
+    from rhaas.adapters.hostkeys import ensure_client_key
     from rhaas.core.images import add_image, make_image
     from rhaas.model import new_node
     from rhaas.sim.farm import launch

@@ -219,9 +219,9 @@ def test_unknown_and_changed_host_keys_are_refused(sim_farm, farm_home, rhaas_ho
     unknown, changed, trusted = sim_farm.names[7:10]
     store = farm_home(rhaas_home, [unknown, changed, trusted], trust=False,
                       per_node={changed: {"ssh_host_key": sim_farm.node(trusted)["host_key"]}})
-    from rhaas.adapters.ssh import known_hosts_add
+    from rhaas.adapters.hostkeys import known_hosts_add, known_hosts_path
 
-    known_hosts_add(rhaas_home, sim_farm.node(trusted)["ssh"], sim_farm.node(trusted)["host_key"])
+    known_hosts_add(known_hosts_path(rhaas_home), sim_farm.node(trusted)["ssh"], sim_farm.node(trusted)["host_key"])
     assert oct(os.stat(rhaas_home / "known_hosts").st_mode & 0o777) == "0o600"
     add_image(image)
     before = {n: sim_farm.state(n) for n in (unknown, changed)}
@@ -256,7 +256,7 @@ def test_append_with_shell_metacharacters_arrives_intact(sim_farm, farm_home, rh
 
 def test_remote_commands_survive_a_real_shell(tmp_path, monkeypatch):
     """The exact command lines, run by /bin/sh with kexec & co. as recording functions."""
-    from rhaas.adapters.ssh import Commands
+    from rhaas.core.kexec.commands import Commands
 
     cache = tmp_path / "cache"  # the combine step really writes a file: keep it out of /run
     cache.mkdir()
@@ -365,13 +365,13 @@ def test_dry_run_changes_nothing(sim_farm, farm_home, rhaas_home, image):
 def test_the_farm_keeps_sftp_inside_the_node_root(sim_farm, farm_home, rhaas_home):
     """The simulated node's path checks rely on there being no links under its root: SFTP
     refuses to make one (a symlink to / would otherwise let `cat` read the host's files)."""
-    from rhaas.adapters import ssh
+    from rhaas.adapters import hostkeys, ssh
 
     name = sim_farm.names[23]
     n = sim_farm.node(name)
-    key_path, _ = ssh.ensure_client_key(farm_home(rhaas_home, [name]).home)
+    key_path, _ = hostkeys.ensure_client_key(farm_home(rhaas_home, [name]).home)
     endpoint = ssh.Endpoint(name, ssh.parse_ssh(n["ssh"]), [n["host_key"]])
-    with ssh.open_session(endpoint, ssh.load_client_key(key_path), 5, 5) as sess:
+    with ssh.open_session(endpoint, hostkeys.load_client_key(key_path), 5, 5) as sess:
         sftp = sess.sftp()
         with pytest.raises(OSError):
             sftp.symlink("/", "/escape")

@@ -241,14 +241,8 @@ def _kexec_setup(app, image_name, kernel, initrd, append, parallel, timeout, con
             raise UsageError("give --image NAME or --kernel/--initrd (no standby-image is set)")
         img = images.get_image(app.snapshot(), image_name)
         name = img.name
-    s = app.settings
-    connect = float(connect_timeout or s["connect-timeout"])
-    opts = KexecOptions(
-        mode=mode,
-        timeout=float(timeout or s["timeout"]),
-        connect_timeout=connect,
-        command_timeout=max(30.0, 3 * connect),
-        parallel=int(parallel or s["parallel"]),
+    opts = KexecOptions.from_settings(
+        app.settings, mode=mode, timeout=timeout, connect_timeout=connect_timeout, parallel=parallel,
         fallback=not no_fallback,
     )
     return opts, img, name

@@ -13,14 +13,6 @@ from rhaas.core.images import get_image
 from rhaas.core.kexec import KexecOptions, kexec_nodes
 
 
-def _options(settings: dict) -> KexecOptions:
-    return KexecOptions(
-        timeout=float(settings.get("timeout") or 120),
-        connect_timeout=float(settings.get("connect-timeout") or 10),
-        parallel=int(settings.get("parallel") or 64),
-    )
-
-
 def return_to_standby(store, settings: dict, names: list[str]):
     """kexec NAMES into the standby image; returns the per-node results (never raises per node)."""
     image_name = settings.get("standby-image")
@@ -31,7 +23,7 @@ def return_to_standby(store, settings: dict, names: list[str]):
     if not reachable:
         return []
     image = get_image(snap, image_name)
-    return kexec_nodes(store, settings, reachable, image, _options(settings), image_name=image_name,
+    return kexec_nodes(store, settings, reachable, image, KexecOptions.from_settings(settings), image_name=image_name,
                        actor="standby")
 
 

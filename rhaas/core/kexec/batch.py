@@ -1,0 +1,170 @@
+"""One kexec run over a batch of nodes, and its two inventory writes.
+
+:func:`kexec_nodes` builds a :class:`~rhaas.core.kexec.plan.Job` per node (checking
+everything that can be checked without contacting it), marks them provisioning in one
+transaction, hands them to :mod:`rhaas.core.kexec.scheduler`, and records all results in one
+more transaction at the end, whatever the number of nodes (and also when interrupted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+
+from rhaas import model
+from rhaas.core.images import Image, check_files, file_sha256
+from rhaas.core.kexec.plan import (
+    MODES,
+    Context,
+    Job,
+    KexecOptions,
+    KexecResult,
+    kernel_cmdline,
+    lookup_nodes,
+    new_nonce,
+    node_overlay,
+)
+from rhaas.core.kexec.scheduler import run_jobs
+from rhaas.errors import RhaasError, UsageError
+
+_STATUS = {
+    "ok": model.STATUS_READY,
+    "loaded": model.STATUS_LOADED,
+    "fallback": model.STATUS_FALLBACK,
+    "failed": model.STATUS_FAILED,
+}
+
+
+def kexec_nodes(
+    store,
+    settings: dict,
+    names: Iterable[str],
+    image: Image | None,
+    opts: KexecOptions,
+    image_name: str | None = None,
+    on_result: Callable[[KexecResult], None] | None = None,
+    actor: str | None = None,
+) -> list[KexecResult]:
+    """Provision ``names`` with ``image`` (None for ``exec`` mode); results in input order.
+
+    The inventory is written twice: before any node is contacted (status provisioning, the
+    nonce) and after all have finished (the results and one ``kexec`` event per node).
+    """
+    from rhaas.adapters import hostkeys
+
+    if opts.mode not in MODES:
+        raise UsageError(f"unknown kexec mode {opts.mode!r}")
+    if opts.mode != "exec" and image is None:
+        raise UsageError("give --image NAME or --kernel/--initrd")
+    snap = store.snapshot()
+    docs = lookup_nodes(snap, names)
+    if image is not None:
+        check_files(image)
+        image_name = image_name or image.name
+    key_path, public = hostkeys.ensure_client_key(store.home, settings.get("ssh-key"))
+    pkey = hostkeys.load_client_key(key_path)
+    known = hostkeys.read_known_hosts(hostkeys.known_hosts_path(store.home))
+
+    jobs: list[Job] = []
+    early: dict[str, KexecResult] = {}
+    # the node's initrd is the image's plus its overlay: hash the shared part once
+    initrd_hash = file_sha256(image.initrd.path) if image is not None and opts.mode != "exec" else None
+    for doc in docs:
+        name = doc["name"]
+        try:
+            endpoint = hostkeys.endpoint_for(doc, known)
+        except RhaasError as exc:
+            early[name] = KexecResult(name, "failed", image_name, None, doc.get("boot_id"), str(exc))
+            continue
+        if opts.mode == "exec":
+            if not (doc.get("status") == model.STATUS_LOADED and doc.get("nonce")):
+                early[name] = KexecResult(
+                    name, "failed", doc.get("loaded_image"), doc.get("nonce"), doc.get("boot_id"),
+                    f"not loaded (status {doc.get('status')}); run 'rhaas kexec --load-only' first",
+                    keep_status=True,
+                )
+                continue
+            jobs.append(Job(doc, endpoint, doc["nonce"], image=doc.get("loaded_image")))
+            continue
+        nonce = new_nonce()
+        try:
+            overlay = node_overlay(doc, public)
+        except (RhaasError, ValueError) as exc:
+            early[name] = KexecResult(name, "failed", image_name, None, doc.get("boot_id"), str(exc))
+            continue
+        combined = initrd_hash.copy()
+        combined.update(overlay)
+        jobs.append(
+            Job(
+                doc, endpoint, nonce,
+                cmdline=kernel_cmdline(image.append, nonce),
+                overlay=overlay,
+                overlay_sha=hashlib.sha256(overlay).hexdigest(),
+                initrd_sha=combined.hexdigest(),
+                image=image_name,
+            )
+        )
+
+    started = time.time()
+    with store.transaction(actor) as tx:
+        marked = []
+        for job in jobs:
+            cur = tx.node(job.doc["name"])
+            if cur is not None:
+                marked.append({**cur, "status": model.STATUS_PROVISIONING, "nonce": job.nonce, "updated": started})
+        tx.put_nodes(marked)
+
+    ctx = Context(opts, image, pkey, settings, store)
+    results: dict[str, KexecResult] = dict(early)
+    for r in early.values():
+        if on_result:
+            on_result(r)
+    interrupted = False
+    try:
+        for r in run_jobs(jobs, ctx):
+            results[r.node] = r
+            if on_result:
+                on_result(r)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        _record(store, results, actor, opts.mode)
+    if interrupted:
+        raise KeyboardInterrupt
+    return [results[d["name"]] for d in docs if d["name"] in results]
+
+
+def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str) -> None:
+    """One transaction for the whole batch: node fields and an event per node."""
+    if not results:
+        return
+    with store.transaction(actor) as tx:
+        docs = []
+        for r in results.values():
+            detail = {"image": r.image, "nonce": r.nonce, "mode": mode}
+            if r.reason:
+                detail["reason"] = r.reason
+            if r.phases:
+                detail["phases"] = {k: round(v, 3) for k, v in r.phases.items()}
+            tx.event("kexec", r.node, r.outcome, **detail)
+            cur = tx.node(r.node)
+            if cur is None or r.keep_status:  # unregistered meanwhile, or left as it was
+                continue
+            doc = dict(cur)
+            doc.update(status=_STATUS[r.outcome], reason=r.reason, updated=r.finished or time.time())
+            if r.phases:
+                doc["phases"] = dict(r.phases)
+            if r.outcome == "ok":
+                doc.update(image=r.image, boot_id=r.boot_id, nonce=r.nonce, last_boot=r.finished, loaded_image=None)
+            elif r.outcome == "loaded":
+                doc.update(boot_id=r.boot_id or doc.get("boot_id"), nonce=r.nonce, loaded_image=r.image)
+            elif r.outcome == "fallback":
+                doc.update(image=None, boot_id=r.boot_id, last_boot=r.finished, bootdev="pxe", loaded_image=None)
+            else:
+                if r.fired:  # it jumped or was power cycled: what runs there now is unknown
+                    doc.update(image=None, loaded_image=None)
+                if r.boot_id:
+                    doc["boot_id"] = r.boot_id
+            docs.append(doc)
+        tx.put_nodes(docs)

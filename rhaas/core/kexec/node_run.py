@@ -1,0 +1,260 @@
+"""One node's way through a kexec, one step at a time: load, jump, poll, verify, fall back.
+
+Per node, over SSH (:mod:`rhaas.adapters.ssh`), with the commands of
+:mod:`rhaas.core.kexec.commands`:
+
+1. one session reads the boot id and, if the node's cache (``/run/rhaas/<sha256>``) already
+   holds the kernel and this node's initrd (the image's initrd + the node's overlay), runs
+   ``kexec -l`` and fires the detached ``kexec -e`` in the same command. Otherwise it uploads
+   what is missing over SFTP, builds the initrd on the node and loads it;
+2. the node is polled until it answers with a new boot id (the old kernel's sshd may still
+   answer for a moment: its boot id means "not yet"), and ``/proc/cmdline`` must hold the
+   run's ``rhaas.nonce=``;
+3. a node that fails any step after it was asked to jump, or before it could be, goes
+   through its power backend (boot device PXE, power cycle) unless ``fallback`` is off.
+
+A step returns when the node's next step is due (or None once it is done), so that
+:mod:`rhaas.core.kexec.scheduler` can keep a waiting node off its threads.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rhaas.core.kexec.commands import Commands, cmdline_has
+from rhaas.core.kexec.plan import Context, Job, KexecResult
+from rhaas.errors import RhaasError
+
+
+class NodeRun:
+    """One node's way through the pipeline, one step at a time (see the module docstring)."""
+
+    def __init__(self, job: Job, ctx: Context):
+        self.job = job
+        self.ctx = ctx
+        self.opts = ctx.opts
+        self.name = job.doc["name"]
+        self.phases: dict[str, float] = {}
+        self.old_boot_id: str | None = None
+        self.fired_at: float | None = None
+        self.deadline = 0.0
+        self.down_at: float | None = None
+        self.saw_old = False
+        self.busy_wait = self.opts.poll_interval
+        self.kexec_reason: str | None = None  # set once we are in the fallback
+        self.uploaded = 0
+        self.polls = {"down": 0, "old": 0}
+        self.last_poll_error: str | None = None
+        self.result: KexecResult | None = None
+        self.link = None
+        self._next = self._load
+
+    def step(self) -> float | None:
+        from rhaas.adapters.ssh import AuthFailed, HostKeyChanged, HostKeyUnknown
+
+        try:
+            return self._next()
+        except (HostKeyUnknown, HostKeyChanged, AuthFailed) as exc:
+            # a node whose identity cannot be checked is never power cycled: it could not be verified
+            return self._failed(str(exc), fallback=False)
+        except RhaasError as exc:
+            return self._failed(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the node: reported, one line
+            return self._failed(f"internal error: {type(exc).__name__}: {exc}", fallback=False)
+
+    # -- outcomes --------------------------------------------------------------------------------
+    def _finish(self, outcome: str, boot_id: str | None, reason: str | None = None) -> None:
+        self.result = KexecResult(
+            self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
+            fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
+        )
+        self.link = None
+
+    def _failed(self, reason: str, fallback: bool = True) -> float | None:
+        if self.kexec_reason is not None:  # the fallback itself failed
+            return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; fallback failed: {reason}")
+        if not (fallback and self.opts.fallback and self.opts.mode != "load"):
+            return self._finish("failed", self.old_boot_id, reason)
+        self.kexec_reason = reason
+        self._next = self._fallback
+        return time.monotonic()
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _connect(self, connect_timeout: float, command_timeout: float):
+        from rhaas.adapters.ssh import Link
+
+        if self.link is None:  # one Fabric Connection per node, for all of its sessions
+            self.link = Link(self.job.endpoint, self.ctx.pkey)
+        return self.link.open(connect_timeout, command_timeout)
+
+    def _load(self) -> float | None:
+        from rhaas.adapters.ssh import Unreachable
+
+        t0 = time.monotonic()
+        try:
+            sess = self._connect(self.opts.connect_timeout, self.opts.command_timeout)
+        except Unreachable as exc:
+            if not exc.transient:
+                raise
+            time.sleep(0.2)  # a dropped handshake (a busy sshd): one more try
+            sess = self._connect(self.opts.connect_timeout, self.opts.command_timeout)
+        t1 = time.monotonic()
+        self.phases["connect"] = t1 - t0
+        fire = self.opts.mode != "load"
+        with sess:
+            if self.opts.mode == "exec":
+                r = sess.run(Commands.fire_loaded())
+                boot_id, _, loaded = Commands.parse_load(r)
+                self.old_boot_id = boot_id
+                if not loaded:
+                    return self._failed(f"no kernel loaded on the node: {r.why()}", fallback=False)
+            else:
+                img, job = self.ctx.image, self.job
+                r = sess.run(Commands.load_cached(img.kernel.sha256, job.initrd_sha, job.cmdline, fire))
+                boot_id, cached, loaded = Commands.parse_load(r)
+                self.old_boot_id = boot_id
+                self.phases["stage"] = 0.0
+                if boot_id is None:
+                    return self._failed(f"cannot read the boot id: {r.why()}")
+                if not cached:
+                    t2 = time.monotonic()
+                    self._stage(sess)
+                    t1 = time.monotonic()
+                    self.phases["stage"] = t1 - t2
+                    r = sess.run(
+                        Commands.combine_and_load(
+                            img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha,
+                            job.cmdline, fire, job.nonce,
+                        )
+                    )
+                    _, cached, loaded = Commands.parse_load(r)
+                    if not cached:
+                        return self._failed(f"cannot build the initrd on the node: {r.why()}")
+                self.phases["load"] = time.monotonic() - t1
+                if not loaded:
+                    return self._failed(f"kexec -l failed: {r.why()}")
+            # -1: the session dropped before its exit status came; the jump may have beaten it
+            if fire and r.exit not in (0, -1):
+                return self._failed(f"cannot start kexec -e: {r.why()}")
+        if not fire:
+            return self._finish("loaded", self.old_boot_id)
+        self.fired_at = time.monotonic()
+        self.deadline = self.fired_at + self.opts.timeout
+        self._next = self._poll
+        return self.fired_at + self.opts.first_poll
+
+    def _stage(self, sess) -> None:
+        img, job = self.ctx.image, self.job
+        sess.makedirs(Commands.CACHE_DIR)
+        for sha, source in (
+            (img.kernel.sha256, img.kernel.path),
+            (img.initrd.sha256, img.initrd.path),
+            (job.overlay_sha, job.overlay),
+        ):
+            remote = Commands.cache_path(sha)
+            if not sess.exists(remote):
+                self.uploaded += sess.put(source, remote)
+
+    def _poll(self) -> float | None:
+        """One attempt to reach the node after the jump: down, old kernel, or the new boot."""
+        from rhaas.adapters.ssh import AuthFailed, CommandTimeout, Unreachable
+
+        now = time.monotonic()
+        # a poll that ran late (behind other nodes' work) still gets its attempt; the deadline
+        # is judged after it, in _again
+        left = max(0.0, self.deadline - now)
+        # A booting node may accept TCP long before its sshd answers (QEMU's slirp does, so do
+        # some BMC-NAT set-ups): a poll waits for the banner only briefly at first, then longer
+        # as the wait grows, so a slow machine is not mistaken for a dead node.
+        poll_timeout = min(self.opts.connect_timeout, max(self.opts.poll_connect_timeout, 0.1 * (now - self.fired_at)))
+        try:
+            sess = self._connect(min(poll_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)))
+        except Unreachable:
+            self.polls["down"] += 1
+            if self.down_at is None:
+                self.down_at = now
+            return self._again(self.opts.poll_interval)
+        except AuthFailed as exc:
+            # the node vanished in the middle of the login (the jump under way), or the new
+            # image does not let us in: not an answer yet; the deadline decides
+            self.polls["down"] += 1
+            self.last_poll_error = str(exc)
+            return self._again(self.opts.poll_interval)
+        t_up = time.monotonic()
+        try:
+            with sess:
+                t_v = time.monotonic()
+                r = sess.run(Commands.read_boot())
+                boot_id, cmdline = Commands.parse_boot(r)
+                t_end = time.monotonic()
+        except (Unreachable, CommandTimeout):
+            # an sshd dying under us (the old kernel going away): not an answer yet
+            self.polls["down"] += 1
+            return self._again(self.opts.poll_interval)
+        if boot_id is None:
+            return self._failed(f"cannot read the boot id: {r.why()}")
+        if boot_id == self.old_boot_id:
+            # still the old kernel (or it came back unchanged): ask again later, more slowly
+            self.saw_old = True
+            self.polls["old"] += 1
+            self.busy_wait = min(self.busy_wait * 2, self.opts.busy_poll_max)
+            return self._again(self.busy_wait)
+        down_at = self.down_at if self.down_at is not None else now
+        self.phases["down"] = down_at - self.fired_at
+        self.phases["up"] = t_up - down_at
+        self.phases["verify"] = t_end - t_v
+        if self.kexec_reason is not None:
+            return self._finish("fallback", boot_id, f"kexec failed: {self.kexec_reason}")
+        nonce_arg = f"rhaas.nonce={self.job.nonce}"
+        if not cmdline_has(cmdline, nonce_arg):
+            self.old_boot_id = boot_id  # a fallback must see yet another boot
+            return self._failed(f"booted without {nonce_arg} (cmdline: {cmdline[:200]})")
+        return self._finish("ok", boot_id)
+
+    def _again(self, delay: float) -> float | None:
+        """When to poll next; once the deadline has passed, the node has failed to verify."""
+        now = time.monotonic()
+        if now < self.deadline:
+            return min(now + delay, self.deadline)
+        if self.saw_old:
+            return self._failed(f"came back with old boot id {self.old_boot_id}")
+        if self.last_poll_error:
+            return self._failed(f"did not come back within {self.opts.timeout:g}s (last: {self.last_poll_error})")
+        return self._failed(f"did not come back within {self.opts.timeout:g}s")
+
+    def _fallback(self) -> float | None:
+        """Boot device PXE and a power cycle through the node's backend, then wait for a new boot."""
+        try:
+            from rhaas.core.power import backend_for
+        except ImportError:
+            return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; no power backend")
+        try:
+            backend = backend_for(self.job.doc, self.ctx.settings, self.ctx.store)
+        except RhaasError:
+            backend = None
+        if backend is None:
+            return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; no power backend")
+        if self.old_boot_id is None:
+            self.old_boot_id = self._current_boot_id()
+        backend.set_bootdev("pxe")
+        backend.power("cycle")
+        self.fired_at = time.monotonic()
+        self.deadline = self.fired_at + self.opts.timeout
+        self.down_at = None
+        self.saw_old = False
+        self.last_poll_error = None
+        self.busy_wait = self.opts.poll_interval
+        for k in ("down", "up", "verify"):
+            self.phases.pop(k, None)
+        self._next = self._poll
+        return self.fired_at + self.opts.first_poll
+
+    def _current_boot_id(self) -> str | None:
+        """The boot id before a power cycle, when the kexec never got far enough to read it."""
+        from rhaas.adapters.ssh import SSHError
+
+        try:
+            with self._connect(min(self.opts.connect_timeout, 3.0), min(self.opts.command_timeout, 5.0)) as sess:
+                return Commands.parse_boot(sess.run(Commands.read_boot()))[0]
+        except SSHError:
+            return None

@@ -1,0 +1,200 @@
+"""What a kexec run is made of, and what it would do: options, results, per-node jobs, the plan.
+
+A run is given :class:`KexecOptions` (built from the settings by
+:meth:`KexecOptions.from_settings`, the one place their defaults live) and gives one
+:class:`KexecResult` per node. Each node to contact becomes a :class:`Job`: its endpoint, its
+nonce (``rhaas.nonce=`` on the new kernel's command line proves the boot) and its overlay
+(the authorized keys and host key appended to the image's initrd). :func:`plan` is the
+``--dry-run``: the same look-ups, contacting nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rhaas import model
+from rhaas.core.images import Image, check_append
+from rhaas.core.overlay import DEFAULT_HOST_KEY_TARGET, build_overlay
+from rhaas.errors import RhaasError, UsageError
+from rhaas.settings import SETTINGS
+
+OUTCOMES = ("ok", "fallback", "failed", "loaded")
+MODES = ("full", "load", "exec")
+
+
+@dataclass
+class KexecOptions:
+    mode: str = "full"  # full | load (stage+load only) | exec (fire what --load-only loaded)
+    timeout: float = 120.0  # from the jump (or power cycle) until the node must have verified
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    parallel: int = 64
+    fallback: bool = True
+    first_poll: float = 0.5  # the jump happens 0.2 s after the command returns
+    poll_connect_timeout: float = 1.0  # banner wait of a post-jump poll at first (grows with the wait)
+    poll_interval: float = 0.25  # while the node refuses connections (cheap)
+    busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
+    poll_lag: float = 2.0  # a due poll may wait this long behind nodes that have not started
+    processes: int | None = None  # None: decided by the number of nodes and CPUs
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: dict,
+        mode: str = "full",
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+        parallel: int | None = None,
+        fallback: bool = True,
+    ) -> KexecOptions:
+        """Options from the ``timeout``, ``connect-timeout`` and ``parallel`` settings (their
+        built-in defaults where unset), each overridden by a given value (a command-line
+        option). A remote command may take ``max(30 s, 3 x connect timeout)``."""
+
+        def pick(given, key: str, typ: type):
+            return typ(given or settings.get(key) or SETTINGS[key][1])
+
+        connect = pick(connect_timeout, "connect-timeout", float)
+        return cls(
+            mode=mode,
+            timeout=pick(timeout, "timeout", float),
+            connect_timeout=connect,
+            command_timeout=max(30.0, 3 * connect),
+            parallel=pick(parallel, "parallel", int),
+            fallback=fallback,
+        )
+
+
+@dataclass
+class KexecResult:
+    node: str
+    outcome: str  # ok | fallback | failed | loaded
+    image: str | None
+    nonce: str | None
+    boot_id: str | None
+    reason: str | None = None
+    phases: dict = field(default_factory=dict)
+    fired: bool = False  # the node was asked to jump (or power cycled): its old state is gone
+    uploaded: int = 0  # bytes sent to the node
+    finished: float = 0.0
+    polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
+    keep_status: bool = False  # refused before anything was asked of the node: only an event
+
+    def public(self) -> dict:
+        """The stable JSON form (``rhaas kexec --json``)."""
+        return {
+            "node": self.node,
+            "outcome": self.outcome,
+            "image": self.image,
+            "nonce": self.nonce,
+            "boot_id": self.boot_id,
+            "reason": self.reason,
+            "phases": {k: round(v, 3) for k, v in self.phases.items()},
+        }
+
+
+@dataclass
+class Job:
+    """What a worker needs for one node; plain data, inherited by forked workers."""
+
+    doc: dict
+    endpoint: object  # rhaas.adapters.ssh.Endpoint
+    nonce: str
+    cmdline: str | None = None
+    overlay: bytes | None = None
+    overlay_sha: str | None = None
+    initrd_sha: str | None = None  # of the node's initrd: image initrd + overlay
+    image: str | None = None
+
+
+@dataclass
+class Context:
+    opts: KexecOptions
+    image: Image | None
+    pkey: object
+    settings: dict
+    store: object
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(8)
+
+
+def kernel_cmdline(append: str, nonce: str) -> str:
+    append = check_append(append).strip()
+    return f"{append} rhaas.nonce={nonce}" if append else f"rhaas.nonce={nonce}"
+
+
+def adhoc_image_name(image: Image) -> str:
+    h = hashlib.sha256(f"{image.kernel.sha256}:{image.initrd.sha256}:{image.append}".encode()).hexdigest()
+    return f"adhoc-{h[:12]}"
+
+
+def authorized_keys_for(doc: dict, client_public: str) -> list[str]:
+    """rhaas's own key, then the tenant's keys (``tenant_ssh_keys``: a line or a list)."""
+    tenant = doc.get("tenant_ssh_keys") or []
+    if isinstance(tenant, str):
+        tenant = tenant.splitlines()
+    return [client_public] + [k.strip() for k in tenant if k and k.strip()]
+
+
+def node_overlay(doc: dict, client_public: str) -> bytes:
+    host_key = None
+    path = doc.get("host_key_file")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                host_key = fh.read()
+        except OSError as exc:
+            raise RhaasError(f"node {doc['name']}: cannot read host_key_file {path}: {exc.strerror}") from None
+    target = doc.get("host_key_target") or DEFAULT_HOST_KEY_TARGET
+    return build_overlay(authorized_keys_for(doc, client_public), host_key, target)
+
+
+# -- planning (shared by the real run and --dry-run) -------------------------------------------------
+def lookup_nodes(snapshot, names: Iterable[str]) -> list[dict]:
+    names = list(names)
+    if not names:
+        raise UsageError("no nodes given")
+    for n in names:
+        model.check_name(n, "node name")
+    docs, unknown = [], []
+    for n in names:
+        doc = snapshot.node(n)
+        if doc is None:
+            unknown.append(n)
+        else:
+            docs.append(dict(doc))
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise UsageError(f"unknown node{'s' if len(unknown) > 1 else ''}: {shown}")
+    return docs
+
+
+def plan(snapshot, names: Iterable[str], image: Image | None, opts: KexecOptions, image_name: str | None) -> list[dict]:
+    """What a kexec would do per node, contacting nothing and changing nothing."""
+    out = []
+    for doc in lookup_nodes(snapshot, names):
+        step = {
+            "node": doc["name"],
+            "ssh": doc.get("ssh"),
+            "mode": opts.mode,
+            "image": image_name if image else doc.get("loaded_image"),
+            "reason": None,
+        }
+        if image is not None:
+            step.update(
+                kernel=image.kernel.path,
+                initrd=image.initrd.path,
+                cmdline=kernel_cmdline(image.append, "<nonce>"),
+                cache=f"/run/rhaas/{image.kernel.sha256}",
+            )
+        if not doc.get("ssh"):
+            step["reason"] = "no SSH address"
+        elif opts.mode == "exec" and not (doc.get("status") == model.STATUS_LOADED and doc.get("nonce")):
+            step["reason"] = f"not loaded (status {doc.get('status')}); run 'rhaas kexec --load-only' first"
+        out.append(step)
+    return out
