@@ -80,7 +80,7 @@ class NodeResult(dict):
         return cls(node=node, outcome="failed", reason=str(reason), **kw)
 
 
-UNKNOWN_SHOWN = 10  # an unknown-node error names at most this many, then "and N more"
+UNKNOWN_SHOWN = 5  # an unknown-node error names at most this many, then "and N more"
 
 
 def unknown_nodes_error(missing: list[str]) -> UsageError:
