@@ -5,8 +5,8 @@ TinyDB alone is neither process-safe nor crash-safe, so this module adds what it
 * every read-modify-write runs inside :meth:`Store.transaction`, under an exclusive
   ``flock`` on a lock file beside the database (the kernel drops it if the process dies);
 * a transaction reads the file once, lets TinyDB work on that document in memory, and writes
-  at most once when it ends: temp file in the same directory, fsync, ``os.replace``, fsync of
-  the directory. A crash leaves either the old or the new file, never a mix;
+  at most once when it ends, with :func:`rhaas.atomic.write_atomic`. A crash leaves either the
+  old or the new file, never a mix;
 * the file and its directory are private (0600 / 0700): the store holds BMC credentials and
   password hashes;
 * read-only snapshots are cached by inode. The cache keeps the file it read open, so that
@@ -22,31 +22,24 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Document, Table
 
+from rhaas.atomic import write_atomic
 from rhaas.errors import StoreError
+from rhaas.names_index import DB_NAME, default_home, write_names_index
 
 SCHEMA_VERSION = 1
-DB_NAME = "rhaas.json"
 LOCK_NAME = "rhaas.lock"
 EVENTS_KEPT = 20000  # older events move to events.archive.jsonl, nothing is dropped
 TABLES = ("meta", "config", "nodes", "images", "users", "projects", "networks", "actions", "events")
 
 Table.default_query_cache_capacity = 0
-
-
-def default_home() -> Path:
-    env = os.environ.get("RHAAS_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "rhaas"
 
 
 class _MemoryStorage(Storage):
@@ -211,8 +204,7 @@ class Transaction(_View):
             old = keys[: len(keys) - EVENTS_KEPT]
             with open(archive, "a", encoding="utf-8") as fh:
                 os.fchmod(fh.fileno(), 0o600)
-                for k in old:
-                    fh.write(json.dumps(events[k]) + "\n")
+                fh.writelines(json.dumps(events[k]) + "\n" for k in old)
                 fh.flush()
                 os.fsync(fh.fileno())
             tbl.remove(doc_ids=[int(k) for k in old])
@@ -249,7 +241,7 @@ class Store:
     # -- reading -----------------------------------------------------------------------------
     def _load(self, use_cache: bool):
         try:
-            fh = open(self.path, "rb")
+            fh = open(self.path, "rb")  # noqa: SIM115  # the snapshot cache keeps it open
         except FileNotFoundError:
             raise StoreError(
                 f"no rhaas inventory at {self.home}; run 'rhaas init' first (or set RHAAS_HOME)"
@@ -314,60 +306,13 @@ class Store:
                 self._write_file(txn.data)
 
     def _write_file(self, data: dict) -> None:
-        tmp = self.home / f".{DB_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
-        payload = json.dumps(data, separators=(",", ":")).encode("utf-8")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(payload)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dfd = os.open(self.home, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            write_names_index(self.home, data)
+            write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode("utf-8"), mode=0o600)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             if exc.errno == errno.ENOSPC:
                 raise StoreError(f"no space left to write {self.path}; nothing was changed") from None
             raise StoreError(f"cannot write {self.path}: {exc.strerror}") from None
-
-
-def write_names_index(home: Path, data: dict) -> dict | None:
-    """A small file of node, image and network names for tab completion.
-
-    It is keyed by the identity of the inventory file it describes (inode, mtime, size), so a
-    reader can tell at once whether it still matches. Best effort: a failure only makes the next
-    TAB parse the inventory itself.
-    """
-    try:
-        st = os.stat(Path(home) / DB_NAME)
-        doc = {
-            "key": [st.st_ino, st.st_mtime_ns, st.st_size],
-            "nodes": [[d["name"], d.get("source"), d.get("project")] for d in data.get("nodes", {}).values()],
-            "images": [d["name"] for d in data.get("images", {}).values()],
-            "networks": [d["name"] for d in data.get("networks", {}).values()],
-        }
-        cache = Path(home) / "cache"
-        cache.mkdir(mode=0o700, exist_ok=True)
-        tmp = cache / f".names.{os.getpid()}.{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(doc, separators=(",", ":")))
-        os.replace(tmp, cache / "names.json")
-    except OSError:
-        return None
-    return doc
+        write_names_index(self.home, data)
 
 
 def _default_actor() -> str:
@@ -379,4 +324,4 @@ def _default_actor() -> str:
         return str(os.getuid())
 
 
-__all__ = ["Store", "Snapshot", "Transaction", "Document", "default_home"]
+__all__ = ["Document", "Snapshot", "Store", "Transaction", "default_home", "write_names_index"]

@@ -92,7 +92,7 @@ def main() -> None:
     except BrokenPipeError:
         # the reader of a pipeline went away (e.g. `| head`); that is not an error
         try:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # stays open until exit
         except OSError:
             pass
         sys.exit(0)

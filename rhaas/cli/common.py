@@ -29,9 +29,9 @@ class App:
     """What a command needs: the store, the settings, the upstream client (all lazy)."""
 
     def __init__(self):
-        from rhaas.store import Store  # not at import time: tab completion never needs TinyDB
+        from rhaas.core.instance import open_store  # not at import time: tab completion never needs TinyDB
 
-        self.store = Store()
+        self.store = open_store()
 
     def snapshot(self):
         return self.store.snapshot()

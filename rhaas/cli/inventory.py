@@ -150,10 +150,9 @@ def show(app: App, name, as_json):
     Example:
       rhaas show node-01 --json
     """
-    doc = app.snapshot().node(name)
-    if doc is None:
-        raise UsageError(f"unknown node: {name} (see 'rhaas list')")
-    pub = public_node(doc)
+    from rhaas.core.instance import require_node
+
+    pub = public_node(require_node(app.snapshot(), name))
     if as_json:
         emit_json(pub)
         return

@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from rhaas.cli.common import App, expand_nodes, pass_app
 from rhaas.cli.complete import complete_nodes
 from rhaas.errors import UsageError
-from rhaas.model import check_name, new_node, parse_meta_pairs, parse_ssh
-
-
-def _host_key_arg(value: str | None) -> str | None:
-    """--host-key takes an OpenSSH public key line, or a file holding one."""
-    if not value:
-        return None
-    if os.path.exists(value):
-        with open(value, encoding="utf-8") as fh:
-            value = fh.read().strip()
-    parts = value.split()
-    if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-")) or "\n" in value:
-        raise UsageError("invalid --host-key: expected an OpenSSH public key line ('ssh-ed25519 AAAA...') or a file")
-    return " ".join(parts[:2])
 
 
 @click.group()
@@ -49,46 +33,13 @@ def register(app: App, name, ssh, ipmi, ipmi_interface, cipher_suite, nics, meta
       RHAAS_IPMI_PASSWORD=secret rhaas node register node-01 --ssh root@10.0.0.11 \\
           --ipmi admin@10.0.1.11:623 --nic eth0=52:54:00:00:00:01 --meta rack=r1
     """
-    check_name(name, "node name")
-    view = app.snapshot()
-    if view.config().get("upstream"):
-        raise UsageError("this instance is derived: its nodes come from 'rhaas lease', not 'node register'")
-    if view.node(name) is not None:
-        raise UsageError(f"node {name} is already registered")
-    ssh_addr = str(parse_ssh(ssh)) if ssh else None
-    nic_docs = []
-    for label, mac in parse_meta_pairs(nics, "--nic").items():
-        check_name(label, "NIC label")
-        nic_docs.append({"label": label, "macaddr": mac, "networks": {}})
-    ipmi_doc = None
-    if ipmi:
-        if "@" not in ipmi:
-            raise UsageError(f"invalid --ipmi {ipmi!r}: expected USER@HOST[:PORT]")
-        addr = parse_ssh(ipmi, default_port=623)
-        from rhaas.cli.setup import read_secret
+    from rhaas.cli.setup import read_secret
+    from rhaas.core.nodes import register_node
 
-        ipmi_doc = {
-            "host": addr.host,
-            "port": addr.port,
-            "user": addr.user,
-            "password": read_secret("RHAAS_IPMI_PASSWORD", "BMC password"),
-            "interface": ipmi_interface,
-            "cipher_suite": cipher_suite,
-        }
-    doc = new_node(
-        name,
-        "registered",
-        ssh=ssh_addr,
-        ssh_host_key=_host_key_arg(host_key),
-        ipmi=ipmi_doc,
-        nics=nic_docs,
-        metadata=parse_meta_pairs(metas, "--meta"),
-    )
-    with app.store.transaction() as tx:
-        if tx.node(name) is not None:
-            raise UsageError(f"node {name} is already registered")
-        tx.put_node(doc)
-        tx.event("register", name, "ok")
+    register_node(app.store, name, ssh=ssh, ipmi=ipmi,
+                  ipmi_password=lambda: read_secret("RHAAS_IPMI_PASSWORD", "BMC password"),
+                  ipmi_interface=ipmi_interface, cipher_suite=cipher_suite, nics=nics, metas=metas,
+                  host_key=host_key)
     click.echo(f"registered {name}", err=True)
 
 
@@ -102,20 +53,10 @@ def unregister(app: App, names):
     Example:
       rhaas node unregister node-[01-04]
     """
-    names = expand_nodes(names)
-    from rhaas.core.instance import require_nodes
+    from rhaas.core.nodes import unregister_nodes
 
-    docs = require_nodes(app.snapshot(), names)
-    leased = [d["name"] for d in docs if d.get("source") == "leased"]
-    if leased:
-        raise UsageError(f"leased from the upstream: {', '.join(leased)}; use 'rhaas free'")
-    busy = [d["name"] for d in docs if d.get("project")]
-    if busy:
-        raise UsageError(f"assigned to a project: {', '.join(busy)}; detach them first")
-    with app.store.transaction() as tx:
-        tx.remove_nodes(names)
-        for n in names:
-            tx.event("unregister", n, "ok")
+    names = expand_nodes(names)
+    unregister_nodes(app.store, names)
     click.echo(f"unregistered {len(names)} node(s)", err=True)
 
 
@@ -132,24 +73,9 @@ def set_node(app: App, name, ssh, host_key, metas):
     Example:
       rhaas node set node-01 --ssh root@127.0.0.1:2201 --host-key ./node-01.pub
     """
-    if not (ssh or host_key or metas):
-        raise UsageError("nothing to set: give --ssh, --host-key or --meta")
-    ssh_addr = str(parse_ssh(ssh)) if ssh else None
-    key = _host_key_arg(host_key)
-    meta = parse_meta_pairs(metas, "--meta")
-    with app.store.transaction() as tx:
-        doc = tx.node(name)
-        if doc is None:
-            raise UsageError(f"unknown node: {name} (see 'rhaas list')")
-        doc = dict(doc)
-        if ssh_addr:
-            doc["ssh"] = ssh_addr
-        if key:
-            doc["ssh_host_key"] = key
-        if meta:
-            doc["metadata"] = dict(doc.get("metadata") or {}, **meta)
-        tx.put_node(doc)
-        tx.event("node-set", name, "ok", fields=[f for f, v in (("ssh", ssh), ("host_key", key), ("meta", meta)) if v])
+    from rhaas.core.nodes import set_node as do_set
+
+    do_set(app.store, name, ssh=ssh, host_key=host_key, metas=metas)
 
 
 @node.command("trust")
@@ -163,21 +89,10 @@ def trust(app: App, name, yes):
     Example:
       rhaas node trust node-01
     """
-    doc = app.snapshot().node(name)
-    if doc is None:
-        raise UsageError(f"unknown node: {name} (see 'rhaas list')")
-    if not doc.get("ssh"):
-        raise UsageError(f"node {name} has no SSH address; set one with 'rhaas node set {name} --ssh ...'")
-    from rhaas.adapters.ssh import fetch_host_key
-    from rhaas.model import fingerprint
+    from rhaas.core.nodes import offered_host_key, trust_host_key
 
-    key = fetch_host_key(doc["ssh"], timeout=app.setting("connect-timeout"))
-    click.echo(f"{name} {doc['ssh']} {key.split()[0]} {fingerprint(key)}")
+    address, key, fp = offered_host_key(app.store, name, timeout=app.setting("connect-timeout"))
+    click.echo(f"{name} {address} {key.split()[0]} {fp}")
     if not yes and not click.confirm("Trust this key?", default=False, err=True):
         raise UsageError("not trusted; nothing recorded")
-    with app.store.transaction() as tx:
-        cur = tx.node(name)
-        if cur is None:
-            raise UsageError(f"unknown node: {name}")
-        tx.put_node(dict(cur, ssh_host_key=key))
-        tx.event("trust", name, "ok", fingerprint=fingerprint(key))
+    trust_host_key(app.store, name, key)

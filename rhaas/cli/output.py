@@ -60,4 +60,4 @@ def phases_text(phases: dict) -> str:
     return " ".join(f"{k}={v:.1f}" for k, v in (phases or {}).items() if isinstance(v, (int, float)))
 
 
-__all__ = ["table", "results", "human_time", "stderr", "phases_text", "sys"]
+__all__ = ["human_time", "phases_text", "results", "stderr", "sys", "table"]

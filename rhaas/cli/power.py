@@ -16,9 +16,9 @@ from rhaas.cli.common import (
 )
 from rhaas.cli.complete import complete_nodes
 from rhaas.errors import RhaasError
+from rhaas.protocol import BOOT_DEVICES
 
 POWER_OPS = ("on", "off", "cycle", "reset", "status")  # mirrors rhaas.core.power (not imported: startup)
-BOOT_DEVICES = ("pxe", "disk", "none")
 
 _DONE = {"on": "powered on", "off": "powered off", "cycle": "power cycled", "reset": "reset"}
 _WHAT = {"on": "power on", "off": "power off", "cycle": "power cycle", "reset": "reset", "status": "read power status"}

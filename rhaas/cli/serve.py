@@ -8,15 +8,6 @@ import sys
 import click
 
 from rhaas.cli.common import App, emit_json, json_option, pass_app
-from rhaas.errors import UsageError
-from rhaas.model import check_name
-
-
-def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 @click.command()
@@ -35,33 +26,14 @@ def serve(app: App, listen, verbose):
       rhaas user add admin --admin --password-stdin <<< "$ADMIN_PW"
       rhaas serve --listen 127.0.0.1:7780
     """
-    from rhaas.adapters.hilserver import HILServer
-    from rhaas.core.service import Service
+    from rhaas.core.serving import parse_listen, start_server
 
-    host, port = _listen(listen)
-    view = app.snapshot()
-    upstream = app.upstream if view.config().get("upstream") else None
-    on_detach = on_assign = None
-    if app.setting("standby-image"):
-        from rhaas.core.standby import return_to_standby, standby_in_background
-
-        def on_detach(node):
-            standby_in_background(app.store, app.settings, node)
-
-        def on_assign(node, keys):
-            # the tenant's keys ride in the standby image's overlay: when the lease answers,
-            # the node already lets the tenant (and only them, with us) in
-            return_to_standby(app.store, app.settings, [node])
-
-    service = Service(app.store, app.settings, upstream=upstream, on_detach=on_detach, on_assign=on_assign)
-    try:
-        server = HILServer((host, port), app.store, service, verbose=verbose)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from None
+    address = parse_listen(listen)
+    server = start_server(app.store, app.settings, address, verbose=verbose)
     bound = server.server_address
     click.echo(f"rhaas serve: listening on http://{bound[0]}:{bound[1]}", err=False)
     sys.stdout.flush()
-    if not view.all("users"):
+    if not app.snapshot().all("users"):
         click.echo("rhaas serve: no users yet; add one with 'rhaas user add NAME --admin'", err=True)
 
     def stop(signum, frame):
@@ -74,22 +46,6 @@ def serve(app: App, listen, verbose):
         pass
     finally:
         server.server_close()
-
-
-def _local_admin(app: App):
-    from rhaas.core.service import Caller, Service
-
-    return Service(app.store, app.settings), Caller("local-admin", True, [])
-
-
-def _api(fn, *args, **kwargs):
-    """Run a service call as the local operator; HIL errors become one-line CLI errors."""
-    from rhaas.errors import APIError
-
-    try:
-        return fn(*args, **kwargs)
-    except APIError as exc:
-        raise UsageError(exc.msg) from None
 
 
 @click.group()
@@ -113,31 +69,14 @@ def user_add(app: App, name, admin, projects, password_stdin, ssh_key):
       rhaas user add alice --project p1 --ssh-key ~/.ssh/id_ed25519.pub
       printf '%s\\n' "$PW" | rhaas user add bot --project p1 --password-stdin
     """
-    check_name(name, "user name")
-    view = app.snapshot()
-    for p in projects:
-        if view.get("projects", p) is None:
-            raise UsageError(f"unknown project {p!r}; add it with 'rhaas project add {p}'")
-    key_line = None
-    if ssh_key:
-        with open(ssh_key, encoding="utf-8") as fh:
-            key_line = fh.read().strip()
-        if not key_line.startswith(("ssh-", "ecdsa-")) or "\n" in key_line:
-            raise UsageError(f"{ssh_key} does not hold one OpenSSH public key line")
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
-    if not password:
-        raise UsageError("empty password")
-    service, caller = _local_admin(app)
-    _api(service.user_create, caller, name, password, admin)
-    for p in projects:
-        _api(service.user_add_project, caller, name, p)
-    if key_line:
-        with app.store.transaction() as tx:
-            doc = tx.get("users", name)
-            tx.put("users", dict(doc, ssh_keys=[key_line]))
+    from rhaas.core.accounts import add_user
+
+    def password():
+        if password_stdin:
+            return sys.stdin.readline().rstrip("\r\n")
+        return click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+
+    add_user(app.store, name, password, admin=admin, projects=projects, ssh_key=ssh_key)
     click.echo(f"added user {name}", err=True)
 
 
@@ -146,8 +85,9 @@ def user_add(app: App, name, admin, projects, password_stdin, ssh_key):
 @pass_app
 def user_rm(app: App, name):
     """Remove a user."""
-    service, caller = _local_admin(app)
-    _api(service.user_delete, caller, name)
+    from rhaas.core.accounts import remove_user
+
+    remove_user(app.store, name)
 
 
 @user.command("list")
@@ -155,8 +95,9 @@ def user_rm(app: App, name):
 @pass_app
 def user_list(app: App, as_json):
     """List users, their admin flag and projects."""
-    service, caller = _local_admin(app)
-    users = service.list_users(caller, app.snapshot())
+    from rhaas.core.accounts import list_users
+
+    users = list_users(app.store)
     if as_json:
         emit_json(users)
         return
@@ -180,9 +121,9 @@ def project_add(app: App, name):
     Example:
       rhaas project add p1 && rhaas user add alice --project p1
     """
-    check_name(name, "project name")
-    service, caller = _local_admin(app)
-    _api(service.project_create, caller, name)
+    from rhaas.core.accounts import add_project
+
+    add_project(app.store, name)
 
 
 @project.command("rm")
@@ -190,8 +131,9 @@ def project_add(app: App, name):
 @pass_app
 def project_rm(app: App, name):
     """Remove an empty project."""
-    service, caller = _local_admin(app)
-    _api(service.project_delete, caller, name)
+    from rhaas.core.accounts import remove_project
+
+    remove_project(app.store, name)
 
 
 @project.command("list")
@@ -199,7 +141,9 @@ def project_rm(app: App, name):
 @pass_app
 def project_list(app: App, as_json):
     """List projects."""
-    names = [p["name"] for p in app.snapshot().all("projects")]
+    from rhaas.core.accounts import list_projects
+
+    names = list_projects(app.store)
     if as_json:
         emit_json(names)
     else:

@@ -42,9 +42,9 @@ def init(app: App, upstream, project, user):
     if upstream:
         if not project or not user:
             raise UsageError("a derived instance needs --project and --user with --upstream")
-        from rhaas.adapters.hil import parse_upstream_url
+        from rhaas.core.instance import check_upstream_url
 
-        parse_upstream_url(upstream)
+        check_upstream_url(upstream)
         password = read_secret("RHAAS_UPSTREAM_PASSWORD", "Upstream password")
     mode = init_instance(app.store, upstream, project, user, password)
     click.echo(f"initialised a {mode} instance in {app.store.home}", err=True)
@@ -100,13 +100,6 @@ def config_get(app: App, key):
 @pass_app
 def config_set(app: App, key, value, unset):
     """Store a setting in the inventory (use --unset to remove it)."""
-    from rhaas import settings
+    from rhaas.core.instance import set_config
 
-    if not unset and value is None:
-        raise UsageError("config set wants KEY VALUE (or KEY --unset)")
-    settings.coerce(key, value)
-    if key == "standby-image" and value and app.snapshot().get("images", value) is None:
-        raise UsageError(f"unknown image {value!r} (see 'rhaas image list')")
-    with app.store.transaction() as tx:
-        tx.set_config(key, None if unset else value)
-        tx.event("config-set", outcome="ok", key=key)
+    set_config(app.store, key, value, unset=unset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from rhaas import settings as settings_mod
 from rhaas.errors import RhaasError, UsageError
@@ -79,12 +80,73 @@ class NodeResult(dict):
         return cls(node=node, outcome="failed", reason=str(reason), **kw)
 
 
-def require_nodes(view, names) -> list[dict]:
-    missing = [n for n in names if view.node(n) is None]
+UNKNOWN_SHOWN = 5  # an unknown-node error names at most this many, then "and N more"
+
+
+def unknown_nodes_error(missing: list[str]) -> UsageError:
+    """The one error for node names the inventory does not hold (nothing has been done)."""
+    shown = ", ".join(missing[:UNKNOWN_SHOWN])
+    if len(missing) > UNKNOWN_SHOWN:
+        shown += f" and {len(missing) - UNKNOWN_SHOWN} more"
+    return UsageError(f"unknown node{'s' if len(missing) > 1 else ''}: {shown} (see 'rhaas list')")
+
+
+def require_nodes(view, names: Iterable[str]) -> list[dict]:
+    """The node documents for ``names`` from a snapshot or transaction, or the unknown-node error."""
+    names = list(names)
+    docs = [view.node(n) for n in names]
+    missing = [n for n, d in zip(names, docs) if d is None]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UsageError(f"unknown node{'s' if len(missing) > 1 else ''}: {shown} (see 'rhaas list')")
-    return [view.node(n) for n in names]
+        raise unknown_nodes_error(missing)
+    return docs
 
 
-__all__ = ["RhaasError", "init_instance", "upstream_client", "is_derived", "require_nodes", "NodeResult"]
+def require_node(view, name: str) -> dict:
+    return require_nodes(view, [name])[0]
+
+
+def open_store() -> Store:
+    """This instance's inventory (RHAAS_HOME); nothing is read until asked."""
+    return Store()
+
+
+def check_upstream_url(url: str) -> None:
+    """UsageError unless ``url`` is an upstream HaaS URL rhaas can talk to."""
+    from rhaas.adapters.hil import parse_upstream_url
+
+    parse_upstream_url(url)
+
+
+def set_config(store: Store, key: str, value: str | None, unset: bool = False) -> None:
+    """Store a setting, or remove it with ``unset``; the value is checked against the settings first."""
+    if not unset and value is None:
+        raise UsageError("config set wants KEY VALUE (or KEY --unset)")
+    settings_mod.coerce(key, value)
+    if key == "standby-image" and value and store.snapshot().get("images", value) is None:
+        raise UsageError(f"unknown image {value!r} (see 'rhaas image list')")
+    with store.transaction() as tx:
+        tx.set_config(key, None if unset else value)
+        tx.event("config-set", outcome="ok", key=key)
+
+
+def upstream_free_names(store: Store | None = None) -> list[str]:
+    """The upstream's free nodes this instance does not hold yet (for tab completion)."""
+    store = store or open_store()
+    local = set(store.snapshot().node_names())
+    return [n for n in upstream_client(store).free_nodes() if n not in local]
+
+
+__all__ = [
+    "NodeResult",
+    "RhaasError",
+    "check_upstream_url",
+    "init_instance",
+    "is_derived",
+    "open_store",
+    "require_node",
+    "require_nodes",
+    "set_config",
+    "unknown_nodes_error",
+    "upstream_client",
+    "upstream_free_names",
+]

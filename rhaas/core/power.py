@@ -18,12 +18,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from rhaas.errors import RhaasError, UsageError
+from rhaas.protocol import BOOT_DEVICES
 
 POWER_OPS = ("on", "off", "cycle", "reset", "status")
-BOOT_DEVICES = ("pxe", "disk", "none")
 
 # HIL has power_cycle (always sent with force: true, which obmd's IPMI driver carries out as
 # a chassis hard reset), power_on and power_off; there is no separate reset call.
@@ -245,7 +246,7 @@ def _fan_out(
             return {"outcome": "ok", "reason": None, **work(backend)}
         except RhaasError as exc:
             return {"outcome": "failed", "reason": str(exc)}
-        except Exception as exc:  # a bug or an adapter's stray exception: one line, no trace
+        except Exception as exc:  # noqa: BLE001  # a bug or an adapter's stray exception: one line, no trace
             return {"outcome": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
 
     runnable = [(i, b) for i, (_, b, r) in enumerate(jobs) if r is None]
@@ -355,10 +356,10 @@ def set_bootdev_nodes(store, settings: dict, names: Iterable[str], dev: str, par
 
 
 __all__ = [
-    "POWER_OPS",
     "BOOT_DEVICES",
-    "PowerBackend",
+    "POWER_OPS",
     "IPMIPower",
+    "PowerBackend",
     "UpstreamPower",
     "backend_for",
     "plan",
