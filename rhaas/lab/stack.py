@@ -572,7 +572,7 @@ def status(dir: str | os.PathLike | None = None) -> dict:
         farm = info.get("farm") or {}
         out["farm"] = {"pid": farm.get("pid"), "running": pid_matches(farm.get("pid"), str(farm.get("dir", "\0")))}
         if out["farm"]["running"]:
-            from rhaas.sim.farm import flush_states
+            from rhaas.sim.control import flush_states
 
             with contextlib.suppress(OSError, RuntimeError):
                 flush_states(farm["dir"], farm["pid"], timeout=5.0)
