@@ -31,6 +31,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Union
 
@@ -447,70 +448,20 @@ def _ensure_host_key(cache_dir: Path, tree: Path | None, log: Log) -> tuple[Path
 # image contents
 # ---------------------------------------------------------------------------
 
-INITTAB = """\
-::sysinit:/etc/rc.sh
-::respawn:/usr/sbin/rhaas-dropbear
-ttyS0::respawn:-/bin/sh -l
-::ctrlaltdel:/bin/reboot
-::shutdown:/bin/sync
-"""
+def _script(name: str) -> str:
+    """A file shipped in ``rhaas/lab/scripts`` (package data), as text."""
+    return resources.files("rhaas.lab").joinpath("scripts", name).read_text(encoding="utf-8")
 
-RC_SH = r"""#!/bin/sh
-# rhaas lab guest init script (runs once from busybox init).
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts
-mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/lock /tmp
-chmod 1777 /tmp
 
-while read -r mod; do
-    [ -n "$mod" ] || continue
-    insmod "/lib/modules/$mod.ko" || echo "rhaas: insmod $mod failed"
-done < /etc/modules.order
+#: busybox init's table: rc.sh once, then dropbear and a shell on the console, respawned.
+INITTAB = _script("inittab")
 
-image=$(cat /etc/rhaas-image)
-ipspec=
-host="rhaas-$image"
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        rhaas_ip=*|rhaas.ip=*) ipspec=${arg#*=} ;;
-        rhaas.hostname=*) host=${arg#*=} ;;
-    esac
-done
-hostname "$host"
-ip link set lo up
-
-i=0
-while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do
-    usleep 50000
-    i=$((i + 1))
-done
-
-if [ -n "$ipspec" ]; then
-    addr=${ipspec%%,*}
-    gw=
-    case "$ipspec" in *,*) gw=${ipspec#*,} ;; esac
-else
-    addr=10.0.2.15/24
-    gw=10.0.2.2
-fi
-ip addr add "$addr" dev eth0
-ip link set eth0 up
-[ -n "$gw" ] && ip route add default via "$gw"
-
-echo "RHAAS-READY image=$image uptime=$(cut -d' ' -f1 /proc/uptime) boot_id=$(cat /proc/sys/kernel/random/boot_id) cmdline=$(cat /proc/cmdline)"
-"""
+#: /etc/rc.sh: mounts, virtio modules, hostname and address from the kernel command line
+#: (``rhaas.ip=ADDR[,GW]``, ``rhaas.hostname=``), then one ``RHAAS-READY`` line on the console.
+RC_SH = _script("rc.sh")
 
 #: dropbear, held back while a ``kexec -e`` is under way (see KEXEC_WRAPPER).
-DROPBEAR_RUN = """\
-#!/bin/sh
-while [ -e /run/rhaas-kexec-firing ]; do sleep 1; done
-exec /usr/sbin/dropbear -F -E -s -j -k -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
-"""
+DROPBEAR_RUN = _script("rhaas-dropbear.sh")
 
 #: /sbin/kexec, a wrapper around the real binary (``/usr/lib/rhaas/kexec``).  On a loaded
 #: 2-core host an emulated guest can take a while between ``kexec -e`` being asked for and
@@ -520,34 +471,10 @@ exec /usr/sbin/dropbear -F -E -s -j -k -p 22 -r /etc/dropbear/dropbear_ed25519_h
 #: first (it is not respawned while ``/run/rhaas-kexec-firing`` exists), lets sessions
 #: already open finish (at most 3 s), then jumps; if the jump fails, dropbear comes back.
 #: Everything else goes straight to the real binary.
-KEXEC_WRAPPER = """\
-#!/bin/sh
-real=/usr/lib/rhaas/kexec
-fire=
-for a in "$@"; do
-    case "$a" in -e|--exec) fire=1 ;; esac
-done
-[ -n "$fire" ] || exec $real "$@"
-[ "$(cat /sys/kernel/kexec_loaded 2>/dev/null)" = 1 ] || exec $real "$@"
-: > /run/rhaas-kexec-firing
-for p in $(pidof dropbear); do
-    [ "$(cut -d' ' -f4 /proc/$p/stat 2>/dev/null)" = 1 ] && kill "$p"
-done
-i=0
-while pidof dropbear >/dev/null && [ $i -lt 30 ]; do
-    usleep 100000
-    i=$((i + 1))
-done
-$real "$@"
-rc=$?
-rm -f /run/rhaas-kexec-firing
-exit $rc
-"""
+KEXEC_WRAPPER = _script("kexec-wrapper.sh")
 
-PROFILE = """\
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PS1='\\h:\\w\\$ '
-"""
+#: root's /etc/profile.
+PROFILE = _script("profile")
 
 
 def _assemble_root(tree: Path, root: Path, kver: str, host_key: Path, log: Log) -> None:
