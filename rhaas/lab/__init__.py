@@ -4,7 +4,8 @@ Public API::
 
     from rhaas.lab import Lab, up, down, status, build_guest, make_overlay
 
-See :mod:`rhaas.lab.lab` (Lab, lab.json), :mod:`rhaas.lab.guest` (images),
+See :mod:`rhaas.lab.lab` (Lab, lab.json), :mod:`rhaas.lab.guest` (images, built from
+:mod:`rhaas.lab.debs`, :mod:`rhaas.lab.guestroot` and :mod:`rhaas.lab.initrd`),
 :mod:`rhaas.lab.vm` (QEMU), :mod:`rhaas.lab.bmc` (ipmi_sim).  :mod:`rhaas.lab.stack` adds
 the root rhaas instance and its ``rhaas serve`` on top (``rhaas lab up|status|down``, or
 SIMULATED nodes from the asyncssh farm), and :mod:`rhaas.lab.demo` is ``make demo``.
