@@ -12,11 +12,23 @@ SIMULATED nodes from the asyncssh farm), and :mod:`rhaas.lab.demo` is ``make dem
 """
 
 from .guest import GuestImages, build_guest, default_cache_dir, make_overlay
+from .guestssh import wait_ssh_ready
 from .lab import Lab, LabNode, check_host_tools, down, status, up
-from .vm import VM, LabError, MissingToolError, wait_ssh_ready
+from .vm import VM, LabError, MissingToolError
 
 __all__ = [
-    "GuestImages", "Lab", "LabError", "LabNode", "MissingToolError", "VM",
-    "build_guest", "check_host_tools", "default_cache_dir", "down", "make_overlay",
-    "status", "up", "wait_ssh_ready",
+    "VM",
+    "GuestImages",
+    "Lab",
+    "LabError",
+    "LabNode",
+    "MissingToolError",
+    "build_guest",
+    "check_host_tools",
+    "default_cache_dir",
+    "down",
+    "make_overlay",
+    "status",
+    "up",
+    "wait_ssh_ready",
 ]
