@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,10 +102,43 @@ def plain_node(i: int, **kw):
     )
 
 
-def wait_for(pred, timeout=10.0, interval=0.05):
+def wait_for(pred, timeout=10.0, interval=0.05, what: str | None = None):
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass; the last answer is returned.
+
+    With ``what`` a timeout raises AssertionError naming the condition instead of returning False.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
         time.sleep(interval)
-    return pred()
+    if pred():
+        return True
+    if what is not None:
+        raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
+    return False
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """Call ``fn(*args, **kwargs)`` with a deadline on the call itself: a hang fails the test.
+
+    The call runs in a daemon thread; its result is returned and its exception re-raised here.
+    This is a guard against hanging, not a speed check (figures belong to `make bench`), so
+    give it several times the limit the call is configured with.
+    """
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"within-{getattr(fn, '__name__', 'call')}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AssertionError(f"{getattr(fn, '__qualname__', fn)!s} did not finish within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
