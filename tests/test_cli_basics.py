@@ -7,8 +7,8 @@ import re
 
 import pytest
 from click.testing import CliRunner
-
 from worlds import rhaas
+
 from rhaas import __version__
 from rhaas.cli import COMMANDS, cli
 from rhaas.model import new_node

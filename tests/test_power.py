@@ -2,17 +2,20 @@
 ipmi_sim BMCs (Debian's openipmi). The chassis state is read back twice: from the files the
 BMC's chassis_control script keeps, and over IPMI with python-ipmi."""
 
+# ruff: noqa: F811  (the fixtures imported from ipmi_fixtures come back as parameters)
 from __future__ import annotations
 
 import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
-
 from ipmi_fixtures import SimBMC, ipmi_bmc, ipmi_sim_factory, requires_ipmi_sim  # noqa: F401
+from worlds import within
+
 from rhaas import model
 from rhaas.adapters.bmc import BMCError, IPMIBmc
 from rhaas.adapters.hil import HILClient
@@ -20,7 +23,6 @@ from rhaas.cli import cli
 from rhaas.core import power as core
 from rhaas.errors import AuthorizationError, RhaasError, UsageError
 from rhaas.store import Store
-from worlds import within
 
 pytestmark = [pytest.mark.ipmi, requires_ipmi_sim]
 
@@ -255,7 +257,7 @@ def test_upstream_power_enables_obm_first_and_once(upstream):
 
 
 def test_upstream_power_stops_at_a_refused_obm_enable(upstream):
-    served, sim, root = upstream
+    served, _, root = upstream
     client = CallLog(served.url, "alice", "alicepw", timeout=10)
     up = core.UpstreamPower("l1", "node-02", lambda: client, 5)  # node-02 is bob's
     with pytest.raises(AuthorizationError):
@@ -270,7 +272,7 @@ class AlreadyEnabledHIL(BaseHTTPRequestHandler):
     takes a second enable silently), so this loopback stand-in plays that upstream."""
 
     protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, str]] = []
+    seen: ClassVar[list[tuple[str, str]]] = []
 
     def log_message(self, *args):
         pass

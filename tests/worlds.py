@@ -29,6 +29,7 @@ def rhaas(home, *args, input=None, env=None, timeout=60, check=False):
         text=True,
         env=full_env,
         timeout=timeout,
+        check=False,  # callers assert the exit code themselves (or pass check=True here)
         cwd=str(ROOT),
     )
     if check and proc.returncode != 0:
@@ -43,7 +44,7 @@ class Served:
         self.home = home
         env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
         env["RHAAS_HOME"] = str(home)
-        self.log = open(home / "serve.log", "w")
+        self.log = open(home / "serve.log", "w")  # noqa: SIM115 - open while serve runs; closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rhaas", "serve", "--listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE,
@@ -131,7 +132,7 @@ def within(seconds: float, fn, *args, **kwargs):
     def run():
         try:
             outcome["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the caller below
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below, re-raised there
             outcome["error"] = exc
 
     worker = threading.Thread(target=run, name=f"within-{getattr(fn, '__name__', 'call')}", daemon=True)
