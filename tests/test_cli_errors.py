@@ -14,7 +14,7 @@ def unchanged(home, *args, code=2, env=None, input=None, timeout=60):
     proc = rhaas(home, *args, env=env, input=input, timeout=timeout)  # a hang fails with TimeoutExpired
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(("rhaas: error:", "Error:")), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("rhaas: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     assert (path.read_bytes() if path.exists() else None) == before
     return lines[0]
