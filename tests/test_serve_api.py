@@ -7,7 +7,6 @@ import http.client
 import json
 
 import pytest
-
 from worlds import make_root, plain_node
 
 USERS = (
