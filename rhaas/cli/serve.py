@@ -14,9 +14,47 @@ from rhaas.model import check_name
 
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT with a port from 0 to 65535")
+    return host, int(port)
+
+
+def _bind(host: str, port: int, listen: str):
+    """One listening socket for HOST:PORT, or a one-line usage error (exit 2)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise UsageError(f"cannot listen on {listen}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except (OSError, OverflowError, ValueError) as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {listen}: {getattr(exc, 'strerror', None) or exc}") from None
+    return sock
+
+
+def _open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one; return the limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft if soft != resource.RLIM_INFINITY else want
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return want
+    except (OSError, ValueError):
+        return soft
 
 
 @click.command()
@@ -35,8 +73,9 @@ def serve(app: App, listen, verbose):
       rhaas user add admin --admin --password-stdin <<< "$ADMIN_PW"
       rhaas serve --listen 127.0.0.1:7780
     """
-    from rhaas.adapters.hilserver import HILServer
+    from rhaas.adapters.hilserver import HILApp, HILServer
     from rhaas.core.service import Service
+    from rhaas.core.throttle import LoginThrottle
 
     host, port = _listen(listen)
     view = app.snapshot()
@@ -54,10 +93,21 @@ def serve(app: App, listen, verbose):
             return_to_standby(app.store, app.settings, [node])
 
     service = Service(app.store, app.settings, upstream=upstream, on_detach=on_detach, on_assign=on_assign)
-    try:
-        server = HILServer((host, port), app.store, service, verbose=verbose)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from None
+    # every connection is one descriptor: keep room for the store, BMC and upstream sockets
+    files = _open_files_limit()
+    limit = min(app.setting("serve-connection-limit"), max(16, files - 256))
+    if limit < app.setting("serve-connection-limit"):
+        click.echo(f"rhaas serve: at most {limit} connections (open-files limit {files})", err=True)
+    throttle = LoginThrottle(app.setting("serve-login-failures"), app.setting("serve-login-window"))
+    sock = _bind(host, port, listen)
+    server = HILServer(
+        sock,
+        HILApp(app.store, service, throttle, verbose=verbose),
+        threads=app.setting("serve-threads"),
+        connection_limit=limit,
+        idle_timeout=app.setting("serve-idle-timeout"),
+        max_body=app.setting("serve-max-body"),
+    )
     bound = server.server_address
     click.echo(f"rhaas serve: listening on http://{bound[0]}:{bound[1]}", err=False)
     sys.stdout.flush()
@@ -69,11 +119,11 @@ def serve(app: App, listen, verbose):
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever(poll_interval=0.2)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()
 
 
 def _local_admin(app: App):
