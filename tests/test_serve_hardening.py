@@ -16,7 +16,6 @@ import socket
 import struct
 
 import pytest
-
 from worlds import make_root, plain_node, rhaas, wait_for
 
 USERS = (("admin", "adminpw", True, ()), ("alice", "alicepw", False, ("proj1",)))
@@ -80,6 +79,7 @@ def configure(home, **settings):
         rhaas(home, "config", "set", key.replace("_", "-"), str(value), check=True)
 
 
+@pytest.mark.slow
 def test_5000_idle_connections_a_client_is_answered_and_the_server_recovers(root, start_serve):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 6000:
@@ -210,7 +210,7 @@ def test_failed_logins_from_one_address_slow_every_user_there(root, start_serve)
             f"{name}:x".encode()).decode()})
         assert conn.getresponse().status == 404
         conn.close()
-    status, doc, resp = get(served.port, "/projects", user="admin")
+    status, _, resp = get(served.port, "/projects", user="admin")
     assert status == 429 and resp.getheader("Retry-After")
     assert wait_for(lambda: get(served.port, "/projects", user="admin")[0] == 200, timeout=30, interval=0.3)
 
@@ -233,7 +233,7 @@ def test_hil_client_reports_throttling_in_one_line(root, start_serve):
 
 def test_connect_network_refuses_an_empty_or_illegal_channel(root, start_serve):
     served = start_serve(root)
-    admin = dict(user="admin", method="PUT")
+    admin = {"user": "admin", "method": "PUT"}
     assert get(served.port, "/project/proj1/connect_node", user="alice", method="POST",
                body=json.dumps({"node": "node-01"}))[0] == 200
     assert get(served.port, "/network/net1", body=json.dumps({"owner": "admin", "access": "", "net_id": "3000"}),

@@ -45,7 +45,7 @@ import logging
 import os
 import sys
 import traceback
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer, create_server
@@ -162,6 +162,7 @@ class HILApp:
         self.service = service
         self.throttle = throttle
         self.verbose = verbose
+        self.max_body = MAX_BODY  # HILServer sets its own limit here too
 
     def __call__(self, environ, start_response):
         headers: list[tuple[str, str]] = []
@@ -193,9 +194,9 @@ class HILApp:
         if "://" in path:  # an absolute-form request target
             path = "/" + path.split("://", 1)[1].partition("/")[2]
         route, args = protocol.match(method, path)
-        raw = environ["wsgi.input"].read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise ValidationError("Request body too large")
+        raw = environ["wsgi.input"].read(self.max_body + 1)
+        if len(raw) > self.max_body:
+            raise ValidationError("Request body too large", status=413)
         if route is None:
             if args == "method":
                 raise APIError("The method is not allowed for the requested URL.", status=405)
@@ -249,6 +250,7 @@ class HILServer:
     def __init__(self, sock, app: HILApp, threads: int = 16, connection_limit: int = 10000,
                  idle_timeout: int = 60, max_body: int = MAX_BODY):
         _quiet_waitress_logging()
+        app.max_body = max_body
         self.sock = sock
         self.server = create_server(
             app,
