@@ -40,6 +40,7 @@ TARGETS = {
     "fail.bmc_silent_ping_s": 3.0,
     "fail.bmc_silent_budget0.6_s": 1.5,
     "fail.kexec_5_faults_timeout4_s": 15.0,
+    "serve.auth_get_node_ms_5000_idle": 100,
 }
 
 
@@ -133,6 +134,34 @@ def bench_inventory(tmp: Path) -> None:
     report("cli.tab_completion_10k_candidates", int(out or 0))
 
 
+def idle_latency(port: int, auth: str, n_idle: int) -> float:
+    """Median authenticated GET /v0/node/<n> while n_idle idle TCP connections are held open."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n_idle + 256 and soft != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else n_idle + 1024, hard))
+    idle = []
+    try:
+        for _ in range(n_idle):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        lat = []
+        for i in range(101):
+            t0 = time.perf_counter()
+            conn.request("GET", f"/v0/node/node-{(i * 53) % 10000:05d}", headers={"Authorization": auth})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            lat.append(time.perf_counter() - t0)
+        conn.close()
+        return statistics.median(lat[1:])
+    finally:
+        for s in idle:
+            s.close()
+
+
 def bench_serve_and_lease(tmp: Path) -> None:
     print("# serve, lease and nesting")
     root = tmp / "root"
@@ -152,6 +181,7 @@ def bench_serve_and_lease(tmp: Path) -> None:
         report("serve.auth_get_node_first_ms", lat[0] * 1000)
         report("serve.auth_get_node_ms", statistics.median(lat[1:]) * 1000)
         report("serve.auth_get_node_p95_ms", sorted(lat[1:])[189] * 1000)
+        report("serve.auth_get_node_ms_5000_idle", idle_latency(served.port, auth, 5000) * 1000)
         # side by side: what real HIL pays per call (sha512-crypt, 656,000 rounds, every request)
         try:
             import warnings

@@ -128,6 +128,11 @@ class HILClient:
             except ValueError:
                 raise HTTPError(f"upstream answered {status} with a body that is not JSON", status=status) from None
         err = error_from_body(status, data)
+        if status == 429:  # rhaas serve's login throttling (HIL itself never answers 429)
+            raise AuthorizationError(
+                f"upstream {self.url} refused the login of user {self.user!r} for now: too many failed logins "
+                f"({err.msg or 'HTTP 429'})", status=429
+            ) from None
         if is_auth_failure(err):
             raise AuthorizationError(
                 f"upstream {self.url} rejected the credentials of user {self.user!r}", status=401

@@ -487,7 +487,8 @@ class Service:
             networks = dict(nic_doc.get("networks") or {})
             if network in networks.values():
                 raise BlockedError("The network is already attached to the nic.")
-            channel = channel or protocol.DEFAULT_CHANNEL
+            if channel is None:  # only an omitted channel is the default; "" is illegal, as in HIL
+                channel = protocol.DEFAULT_CHANNEL
             if channel not in net["channels"]:
                 raise BadArgumentError(f"Channel '{channel}', is not legal for this network.")
             if channel in networks:
