@@ -28,7 +28,9 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "timeout": (float, 120.0, "seconds a node may take to come back after kexec or power cycle"),
     "connect-timeout": (float, 10.0, "seconds for one SSH/HTTP connect"),
     "upstream-timeout": (float, 30.0, "seconds for one whole upstream API call (connect, send, read all)"),
-    "upstream-max-list-bytes": (int, 16 * MiB, "largest upstream answer accepted for a list of names"),
+    # 8 MiB of names is ~350,000 HIL-style node names; at worst (2-character names) it parses
+    # to ~140 MB of Python objects, which keeps a command under 200 MB
+    "upstream-max-list-bytes": (int, 8 * MiB, "largest upstream answer accepted for a list of names"),
     "upstream-max-doc-bytes": (int, 1 * MiB, "largest upstream answer accepted for one document (a node)"),
     "standby-image": (str, None, "image a freed node is returned to"),
     "ipmi-cipher-suite": (int, 3, "RMCP+ cipher suite for IPMI 2.0 BMCs"),

@@ -49,7 +49,7 @@ from rhaas.errors import (
 )
 
 MiB = 1024 * 1024
-DEFAULT_MAX_LIST_BYTES = 16 * MiB  # the defaults of the settings upstream-max-list-bytes / -doc-bytes
+DEFAULT_MAX_LIST_BYTES = 8 * MiB  # the defaults of the settings upstream-max-list-bytes / -doc-bytes
 DEFAULT_MAX_DOC_BYTES = 1 * MiB
 MAX_SOCKET_TIMEOUT = 1e6  # socket.settimeout refuses huge values; no call is meant to last longer
 READ_CHUNK = 64 * 1024
@@ -92,10 +92,15 @@ class _CallTimedOut(TimeoutError):
 
 
 class _DeadlineReader(io.RawIOBase):
-    """The socket's incoming bytes; each read waits at most until the owner's deadline."""
+    """The socket's incoming bytes; each read waits at most until the owner's deadline.
+
+    It reads through the socket's own raw file (``makefile(buffering=0)``), which keeps the
+    socket open while a response still reads from it, as http.client expects of ``makefile``.
+    """
 
     def __init__(self, sock: socket.socket, owner: _Bounded):
         self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
         self._owner = owner
 
     def readable(self) -> bool:
@@ -103,7 +108,11 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         self._sock.settimeout(self._owner.time_left())
-        return self._sock.recv_into(buf)
+        return self._raw.readinto(buf)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class _DeadlineSocket:

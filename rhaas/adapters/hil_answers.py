@@ -6,7 +6,8 @@ of names is a JSON array of strings; the node object has ``name`` str, ``project
 ``metadata`` str -> str, each value JSON-encoded). A wrong type refuses the whole answer with
 :class:`UpstreamMisbehaved` (exit 3, like an unreachable upstream: the call gave nothing usable).
 Names (nodes, networks, projects, NIC labels) must match the pattern rhaas uses for every name
-(``rhaas.protocol.valid_name``) and be at most :data:`MAX_NAME_LEN` characters. In a list of
+(``rhaas.protocol.valid_name``), be at most :data:`MAX_NAME_LEN` characters and not start with
+``-`` (a command line would read it as an option, or ``-`` as stdin). In a list of
 names a bad name is dropped and reported through the caller's ``refused`` callback, so one
 hostile entry does not hide the good ones; inside a node document a bad name refuses the document.
 
@@ -50,6 +51,8 @@ def name_problem(name) -> str | None:
         return f"longer than {MAX_NAME_LEN} characters"
     if not valid_name(name):
         return "only letters, digits, '.', '_' and '-' are allowed"
+    if name.startswith("-"):
+        return "a leading '-' reads as an option ('-' alone as stdin) on every command line"
     return None
 
 
