@@ -54,7 +54,7 @@ DEFAULT_MAX_DOC_BYTES = 1 * MiB
 MAX_SOCKET_TIMEOUT = 1e6  # socket.settimeout refuses huge values; no call is meant to last longer
 READ_CHUNK = 64 * 1024
 # calls whose answer is a list of names (the larger cap), and what the names are
-NAME_LISTS = {"list_nodes": "node", "project_nodes": "node", "list_projects": "project",
+NAME_LISTS = {"list_nodes": "node", "project_nodes": "node",
               "project_networks": "network", "list_networks": "network"}
 
 __all__ = ["HILClient", "UpstreamMisbehaved", "decode_metadata", "parse_upstream_url"]

@@ -5,7 +5,7 @@ of names is a JSON array of strings; the node object has ``name`` str, ``project
 ``nics`` a list of objects with ``label``/``macaddr`` strings and ``networks`` str -> str, and
 ``metadata`` str -> str, each value JSON-encoded). A wrong type refuses the whole answer with
 :class:`UpstreamMisbehaved` (exit 3, like an unreachable upstream: the call gave nothing usable).
-Names (nodes, networks, projects, NIC labels) must match the pattern rhaas uses for every name
+Names rhaas stores (nodes, networks, NIC labels) must match the pattern rhaas uses for every name
 (``rhaas.protocol.valid_name``), be at most :data:`MAX_NAME_LEN` characters and not start with
 ``-`` (a command line would read it as an option, or ``-`` as stdin). In a list of
 names a bad name is dropped and reported through the caller's ``refused`` callback, so one
@@ -107,9 +107,8 @@ class Checker:
         name = self.name(doc.get("name"), "the node name")
         if name != asked:
             raise self.fail(f"node {shown(name)} when asked for {shown(asked)}")
-        project = doc.get("project")
-        if project is not None:
-            self.name(project, "the node's project")
+        # a project is named by the upstream's operator, not by rhaas: text, not a stored name
+        project = self.text(doc.get("project"), "the node's project", optional=True)
         nics = doc.get("nics", [])
         if not isinstance(nics, list):
             raise self.fail(f"{kind(nics)} where HIL sends the node's list of NICs")
