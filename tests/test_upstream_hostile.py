@@ -362,3 +362,16 @@ def test_bad_values_from_env_or_an_older_store_are_one_line_errors(derived, upst
                  "--user", "alice", env=ENV | {"RHAAS_UPSTREAM_TIMEOUT": "inf"})
     assert proc.returncode == 2 and "RHAAS_UPSTREAM_TIMEOUT" in one_line(proc)
     assert local(derived) == [] and upstream.held == []
+
+
+def test_client_reports_each_refused_name_on_one_line(upstream):
+    """The adapter prints nothing: callers get each refused name as one line to show."""
+    from rhaas.adapters.hil import HILClient
+
+    upstream.free = HOSTILE + ["node-01"]
+    lines: list[str] = []
+    client = HILClient(upstream.url, "alice", "pw", timeout=5, warn=lines.append)
+    assert client.free_nodes() == ["node-01"]
+    assert len(lines) == len(HOSTILE) and client.refused == lines
+    for line in lines:
+        assert "\n" not in line and "\x1b" not in line and len(line) < 300 and line.startswith("refused node name")
