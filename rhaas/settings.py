@@ -24,6 +24,9 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ipmi-cipher-suite": (int, 3, "RMCP+ cipher suite for IPMI 2.0 BMCs"),
     "ipmi-interface": (str, "rmcpplus", "python-ipmi interface: rmcpplus (IPMI 2.0) or rmcp (1.5)"),
     "ssh-key": (str, None, "private key rhaas uses to reach nodes (default: RHAAS_HOME/id_ed25519)"),
+    # kexec fallback: a reboot window (a thousand power cycles at once are a power peak)
+    "fallback-window": (int, 50, "power cycles in flight at once in a kexec fallback (all workers together)"),
+    "bmc-parallel": (int, 16, "BMC (power/boot device) calls in flight at once during a kexec"),
 }
 
 
