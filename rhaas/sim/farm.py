@@ -32,6 +32,11 @@ Faults, per node, from ``DIR/faults.json`` (re-read when it changes)::
 seconds down), ``refuse_ssh`` (connections are dropped before the SSH banner), and
 ``power_file``: a file holding ``0``/``1`` (e.g. an ``ipmi_sim`` BMC's power state) that the
 node follows: ``0`` powers it off, ``1`` boots it afresh (network boot, no rhaas nonce).
+``dies_slowly`` (seconds, e.g. ``{"dies_slowly": 1.0}``): after ``kexec -e`` the old kernel
+takes that long to go away, as a real dying one does: it still accepts connections, but
+cuts every session it is asked for: a channel closed without exit status, half an answer
+then a close, a reset connection, or a login cut short (in turn). ``load_fails_first`` (a
+count N): the node's first N ``kexec -l`` fail, later ones work.
 
 The farm prints ``READY <n> nodes`` on stdout once every node listens, and writes its PID to
 ``DIR/farm.pid``. SIGTERM or SIGINT stops it.
@@ -60,7 +65,8 @@ CMDLINE = "/proc/cmdline"
 IMAGE_FILE = "/etc/rhaas-image"
 KEXEC_LOADED = "/sys/kernel/kexec_loaded"
 FLUSHED = ".flushed"  # in DIR/state: how many times the state files were brought up to date
-FAULTS = ("load_fails", "never_returns", "old_boot_id", "slow", "refuse_ssh", "power_file")
+FAULTS = ("load_fails", "never_returns", "old_boot_id", "slow", "refuse_ssh", "power_file", "dies_slowly",
+          "load_fails_first")
 
 
 def node_address(base: str, i: int) -> str:
@@ -556,6 +562,9 @@ class SimNode:
         self.conns: set = set()
         self.frozen: list = []  # connections of a node that vanished (never_returns)
         self.stuck = False  # down for good until its never_returns fault is lifted
+        self.dying = False  # between kexec -e and going down, with the dies_slowly fault
+        self.cuts = 0  # sessions cut while dying (picks the next way to cut one)
+        self.load_failures = 0  # kexec -l refused by load_fails_first so far
         self.options: asyncssh.SSHServerConnectionOptions | None = None
         self.listen_options: asyncssh.SSHServerConnectionOptions | None = None  # built from options once
 
@@ -661,7 +670,9 @@ class SimNode:
             if not ok:
                 fds[2].write(f"kexec: cannot open {what} {path}: No such file or directory\n".encode())
                 return 1
-        if self.farm.fault(self.name, "load_fails"):
+        if self.farm.fault(self.name, "load_fails") or self.load_failures < int(
+                self.farm.fault(self.name, "load_fails_first") or 0):
+            self.load_failures += 1
             fds[2].write(b"kexec_load failed: Device or resource busy\n")
             return 1
         self.loaded = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline or ""}
@@ -690,6 +701,11 @@ class SimNode:
     async def reboot(self) -> None:
         """``kexec -e``: the node vanishes, stays away for the down time, then the new kernel runs."""
         loaded = self.loaded
+        dying = float(self.farm.fault(self.name, "dies_slowly") or 0)
+        if dying > 0:
+            self.dying = True
+            await asyncio.sleep(dying)
+            self.dying = False
         await self.go_down(freeze=bool(self.farm.fault(self.name, "never_returns")))
         if self.farm.fault(self.name, "never_returns"):
             self.stuck = True
@@ -725,6 +741,22 @@ class SimNode:
         await self.farm.listen(self)
         self.up = True
         self.farm.save_state(self)
+
+    def cut_way(self) -> int:
+        """dies_slowly: how to cut the next session (0 no exit status, 1 half an answer,
+        2 reset, 3 login cut short)."""
+        self.cuts += 1
+        return self.cuts % 4
+
+    async def cut(self, process) -> None:
+        """dies_slowly: a session of a dying kernel, cut before it can answer."""
+        way = self.cut_way()
+        if way == 1:
+            process.stdout.write(self.boot_id[:9].encode())
+        if way == 2 or way == 3:
+            process.get_extra_info("connection").abort()
+            return
+        process.close()  # the channel closes without an exit status
 
     def state(self) -> dict:
         return {
@@ -778,6 +810,9 @@ class NodeServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self.node.dying and self.node.cut_way() == 3:  # dies_slowly: the login is cut short
+            asyncio.get_running_loop().call_soon(self.conn.abort)
+            return False
         return username == "root" and key.public_data in self.node.farm.authorized()
 
 
@@ -1002,6 +1037,9 @@ class Farm:
         command = process.command
         if self._cmd_log is not None:
             self._cmd_log.write(f"{node.name}\t{command!r}\n")
+        if node.dying:
+            await node.cut(process)
+            return
         if command is None:
             process.stderr.write(b"this simulated node has no interactive shell\n")
             process.exit(1)
