@@ -191,14 +191,14 @@ def _cycles(bmc) -> list[tuple[float, float]]:
 
 
 @requires_ipmi_sim
-def test_fallback_power_cycles_stay_within_the_window(sim_farm, farm_home, rhaas_home, image, tmp_path):
+def test_fallback_power_cycles_stay_within_the_window(sim_farm, farm_home, rhaas_home, image, tmp_path, monkeypatch):
     names = sim_farm.names[10:30]
     bmcs = _bmcs(tmp_path, names)
     try:
         farm_home(rhaas_home, names, per_node={n: {"ipmi": bmcs[n].ipmi_doc()} for n in names})
         img = image()
         sim_farm.set_faults({n: {"load_fails": True, "power_file": str(bmcs[n].power_file)} for n in names})
-        assert run("config", "set", "fallback-window", "5").exit_code == 0
+        monkeypatch.setenv("RHAAS_FALLBACK_WINDOW", "5")
 
         r, out = kexec_json(*names, "--image", img, "--timeout", "60")
 
