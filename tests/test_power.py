@@ -383,7 +383,7 @@ def test_cli_unknown_node_is_usage_error(home, ipmi_bmc):
     add_nodes(home, [ipmi_bmc])
     res = run("power", "on", "n1", "ghost")
     assert res.exit_code == 2
-    assert res.stderr == "rhaas: error: unknown node: ghost\n"
+    assert res.stderr == "rhaas: error: unknown node: ghost (see 'rhaas list')\n"
     assert res.stdout == ""
     assert ipmi_bmc.calls() == [] and ipmi_bmc.power() == "off"
 

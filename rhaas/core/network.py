@@ -62,9 +62,9 @@ def _set_nic(tx, node: str, nic: str, change) -> None:
 
 
 def _check(view, node: str, nic: str, network: str) -> dict:
-    doc = view.node(node)
-    if doc is None:
-        raise UsageError(f"unknown node: {node}")
+    from rhaas.core.instance import require_node
+
+    doc = require_node(view, node)
     if not any(n["label"] == nic for n in doc.get("nics", [])):
         raise UsageError(f"node {node} has no NIC {nic}")
     if view.get("networks", network) is None:

@@ -183,18 +183,12 @@ def backend_for(node: dict, settings: dict, store, client_factory: Callable[[], 
 
 
 def _lookup(store, names: Iterable[str]) -> list[dict]:
+    from rhaas.core.instance import require_nodes
+
     names = list(names)
     if not names:
         raise UsageError("no nodes given")
-    snap = store.snapshot()
-    docs, unknown = [], []
-    for n in names:
-        doc = snap.node(n)
-        (docs if doc is not None else unknown).append(doc if doc is not None else n)
-    if unknown:
-        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-        raise UsageError(f"unknown node{'s' if len(unknown) > 1 else ''}: {shown}")
-    return [dict(d) for d in docs]
+    return [dict(d) for d in require_nodes(store.snapshot(), names)]
 
 
 def _thread_client_factory(store) -> Callable[[], object]:

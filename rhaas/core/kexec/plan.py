@@ -185,17 +185,9 @@ def lookup_nodes(snapshot, names: Iterable[str]) -> list[dict]:
         raise UsageError("no nodes given")
     for n in names:
         model.check_name(n, "node name")
-    docs, unknown = [], []
-    for n in names:
-        doc = snapshot.node(n)
-        if doc is None:
-            unknown.append(n)
-        else:
-            docs.append(dict(doc))
-    if unknown:
-        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-        raise UsageError(f"unknown node{'s' if len(unknown) > 1 else ''}: {shown}")
-    return docs
+    from rhaas.core.instance import require_nodes
+
+    return [dict(d) for d in require_nodes(snapshot, names)]
 
 
 def plan(snapshot, names: Iterable[str], image: Image | None, opts: KexecOptions, image_name: str | None) -> list[dict]:
