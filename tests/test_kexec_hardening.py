@@ -239,6 +239,8 @@ def test_kexec_no_goes_straight_to_the_power_path(sim_farm, farm_home, rhaas_hom
         assert after["boot_id"] != before["boot_id"] and after["cmdline"].startswith("BOOT_IMAGE=pxe")
         assert out[name]["boot_id"] == after["boot_id"]
         assert "set power 0" in bmcs[name].calls() and bmcs[name].boot() == "pxe"
+        plan = json.loads(run("kexec", name, "--image", img, "--dry-run", "--json").stdout)
+        assert plan[0]["power_only"] is True and plan[0]["reason"] is None
         # a mode that needs kexec refuses such a node without touching it
         r2, out2 = kexec_json(name, "--image", img, "--load-only")
         assert r2.exit_code == 1 and "rhaas.kexec=no" in out2[name]["reason"]
@@ -275,3 +277,37 @@ def test_retries_and_the_ok_and_failed_lists(sim_farm, farm_home, rhaas_home, im
                           "--failed-file", failed_file, input=failed_file.read_text())
     assert r2.exit_code == 0 and out2[broken]["outcome"] == "ok"
     assert failed_file.read_text() == ""
+
+
+def test_a_node_of_another_live_run_is_refused_and_a_dead_owner_reads_interrupted(
+        sim_farm, farm_home, rhaas_home, image):
+    """The owner recorded with 'provisioning' decides: a live other process keeps the node
+    (the new run refuses it, only an event), a process that has ended shows it interrupted."""
+    from rhaas.core.kexec import owner
+
+    busy, stale = sim_farm.names[60:62]
+    store = farm_home(rhaas_home, [busy, stale])
+    img = image()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    try:
+        live = {"pid": other.pid, "start": owner.process_start(other.pid), "boot": owner.host_boot(),
+                "started": time.time()}
+        dead = {**live, "pid": ended.pid, "start": 1}
+        with store.transaction("test") as tx:
+            tx.put_nodes([{**tx.node(busy), "status": "provisioning", "kexec_run": live},
+                          {**tx.node(stale), "status": "provisioning", "kexec_run": dead}])
+        nodes = {d["name"]: d for d in json.loads(run("list", "--json").stdout)}
+        assert nodes[busy]["status"] == "provisioning" and nodes[stale]["status"] == "interrupted"
+        before = sim_farm.state(busy)["boot_id"]
+
+        r, out = kexec_json(busy, stale, "--image", img, "--timeout", "30", "--no-fallback")
+
+        assert r.exit_code == 1 and out[stale]["outcome"] == "ok"
+        assert out[busy]["outcome"] == "failed" and f"pid {other.pid}" in out[busy]["reason"]
+        assert sim_farm.state(busy)["boot_id"] == before
+        assert store.snapshot().node(busy)["status"] == "provisioning"  # still the other run's
+    finally:
+        other.kill()
+        other.wait()

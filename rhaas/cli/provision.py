@@ -377,4 +377,6 @@ def _render_plan(steps: list[dict], as_json: bool) -> None:
             click.echo(f"{s['node']}\tcannot kexec\t{s['reason']}")
         else:
             verb = {"full": "would kexec", "load": "would load", "exec": "would jump into"}[s["mode"]]
+            if s.get("power_only"):
+                verb = "would power cycle into PXE (rhaas.kexec=no), not kexec"
             click.echo(f"{s['node']}\t{verb}\t{s['image']}\t{s['ssh']}")

@@ -30,6 +30,7 @@ from rhaas.core.kexec.plan import (
     lookup_nodes,
     new_nonce,
     node_overlay,
+    power_only_refusal,
 )
 from rhaas.core.kexec.scheduler import run_jobs
 from rhaas.errors import RhaasError, UsageError
@@ -84,12 +85,11 @@ def kexec_nodes(
             early[name] = KexecResult(name, "failed", image_name, None, doc.get("boot_id"), str(exc))
             continue
         skip = kexec_disabled(doc)
-        if skip and (opts.mode != "full" or not opts.fallback):
-            why = "--no-fallback" if opts.mode == "full" else f"--{'load-only' if opts.mode == 'load' else 'exec'}"
+        refusal = power_only_refusal(opts) if skip else None
+        if refusal:
             early[name] = KexecResult(
                 name, "failed", image_name if opts.mode != "exec" else doc.get("loaded_image"), None,
-                doc.get("boot_id"), f"node metadata rhaas.kexec=no: it boots through its power path only, not with {why}",
-                keep_status=True,
+                doc.get("boot_id"), refusal, keep_status=True,
             )
             continue
         if opts.mode == "exec":

@@ -47,7 +47,7 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def _host_boot() -> str | None:
+def host_boot() -> str | None:
     text = _read(_BOOT_ID)
     return text.strip() if text else None
 
@@ -55,7 +55,7 @@ def _host_boot() -> str | None:
 def current(started: float | None = None) -> dict:
     """This process as the owner of a run that starts now (or at ``started``)."""
     pid = os.getpid()
-    return {"pid": pid, "start": process_start(pid), "boot": _host_boot(), "started": started or time.time()}
+    return {"pid": pid, "start": process_start(pid), "boot": host_boot(), "started": started or time.time()}
 
 
 def alive(owner) -> bool:
@@ -70,7 +70,7 @@ def alive(owner) -> bool:
         except OSError:
             return True
         return True
-    if owner.get("boot") != _host_boot():
+    if owner.get("boot") != host_boot():
         return False
     start = process_start(owner["pid"])
     return start is not None and start == owner.get("start")

@@ -143,6 +143,14 @@ def kexec_disabled(doc: dict) -> bool:
     return False
 
 
+def power_only_refusal(opts: KexecOptions) -> str | None:
+    """Why a ``rhaas.kexec=no`` node cannot take part in a run with ``opts``, or None."""
+    if opts.mode == "full" and opts.fallback:
+        return None
+    why = "--no-fallback" if opts.mode == "full" else "--load-only" if opts.mode == "load" else "--exec"
+    return f"node metadata rhaas.kexec=no: it boots through its power path only, not with {why}"
+
+
 def new_nonce() -> str:
     return secrets.token_hex(8)
 
@@ -208,8 +216,13 @@ def plan(snapshot, names: Iterable[str], image: Image | None, opts: KexecOptions
                 cmdline=kernel_cmdline(image.append, "<nonce>"),
                 cache=f"/run/rhaas/{image.kernel.sha256}",
             )
+        power_only = kexec_disabled(doc)
+        if power_only:
+            step["power_only"] = True  # PXE and a power cycle, no kexec
         if not doc.get("ssh"):
             step["reason"] = "no SSH address"
+        elif power_only:
+            step["reason"] = power_only_refusal(opts)
         elif opts.mode == "exec" and not (doc.get("status") == model.STATUS_LOADED and doc.get("nonce")):
             step["reason"] = f"not loaded (status {doc.get('status')}); run 'rhaas kexec --load-only' first"
         out.append(step)
