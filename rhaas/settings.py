@@ -36,13 +36,16 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ipmi-cipher-suite": (int, 3, "RMCP+ cipher suite for IPMI 2.0 BMCs"),
     "ipmi-interface": (str, "rmcpplus", "python-ipmi interface: rmcpplus (IPMI 2.0) or rmcp (1.5)"),
     "ssh-key": (str, None, "private key rhaas uses to reach nodes (default: RHAAS_HOME/id_ed25519)"),
-    # rhaas serve (hard-serve block)
+    # rhaas serve
     "serve-threads": (int, 16, "rhaas serve: worker threads that run requests"),
     "serve-connection-limit": (int, 10000, "rhaas serve: most open client connections (more wait to be accepted)"),
     "serve-idle-timeout": (int, 60, "rhaas serve: seconds a connection may stay silent (idle or mid-request)"),
     "serve-max-body": (int, 1048576, "rhaas serve: largest request body in bytes"),
     "serve-login-failures": (int, 10, "rhaas serve: failed logins per address or user before 429s begin"),
     "serve-login-window": (int, 60, "rhaas serve: seconds failed logins are remembered; longest 429 back-off"),
+    # kexec fallback: a reboot window (a thousand power cycles at once are a power peak)
+    "fallback-window": (int, 50, "power cycles in flight at once in a kexec fallback (all workers together)"),
+    "bmc-parallel": (int, 16, "BMC (power/boot device) calls in flight at once during a kexec"),
 }
 
 

@@ -111,7 +111,9 @@ def list_nodes(app: App, which, as_json, quiet):
       rhaas list --available -q | head -8 | rhaas kexec --image b -
       rhaas list --json | jq '.[].name'
     """
-    docs = app.snapshot().nodes()
+    from rhaas.core.kexec.owner import live_views
+
+    docs = live_views(app.snapshot().nodes())  # a dead kexec run's nodes show as interrupted
     if which == "available":
         docs = [d for d in docs if not d.get("project")]
     elif which == "assigned":
@@ -151,8 +153,9 @@ def show(app: App, name, as_json):
       rhaas show node-01 --json
     """
     from rhaas.core.instance import require_node
+    from rhaas.core.kexec.owner import live_view
 
-    pub = public_node(require_node(app.snapshot(), name))
+    pub = public_node(live_view(require_node(app.snapshot(), name)))
     if as_json:
         emit_json(pub)
         return
