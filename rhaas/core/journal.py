@@ -22,8 +22,6 @@ import sys
 import time
 from collections.abc import Callable
 
-from rhaas.model import name_ok
-
 Notify = Callable[[str], None]
 
 
@@ -93,6 +91,34 @@ def stale_entries(view) -> dict[str, dict]:
     return {k: e for k, e in entries.items() if isinstance(e, dict) and not owner_alive(e)}
 
 
+SETTLE_PAUSE = 0.3  # seconds between two reads of the project's nodes
+SETTLE_DEADLINE = 10.0  # at most this long waiting for the upstream to settle
+
+
+def _project_nodes(client, project: str, notify: Notify) -> set[str]:
+    from rhaas.core.lease import checked_names
+
+    return set(checked_names(client.project_nodes(project), notify))
+
+
+def settled_project_nodes(client, project: str, notify: Notify) -> set[str]:
+    """The project's nodes once two reads SETTLE_PAUSE apart agree (within SETTLE_DEADLINE).
+
+    A killed run's last requests may still be in the upstream's hands (sent, not yet applied):
+    judging on the first read would miss a node connected a moment later. Only a resolution
+    (rare: after a kill) pays this pause.
+    """
+    deadline = time.monotonic() + SETTLE_DEADLINE
+    last = _project_nodes(client, project, notify)
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_PAUSE)
+        now = _project_nodes(client, project, lambda msg: None)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def resolve(store, client=None, notify: Notify | None = None) -> list[dict]:
     """Resolve stale journal entries against the upstream; one line per resolved node.
 
@@ -108,17 +134,7 @@ def resolve(store, client=None, notify: Notify | None = None) -> list[dict]:
         return []
     project = require_project(view)
     client = client or upstream_client(store)
-    held_list = client.project_nodes(project)
-    if not isinstance(held_list, list):
-        from rhaas.errors import HTTPError
-
-        raise HTTPError("upstream answered the project's nodes with something that is not a list")
-    held = set()
-    for n in held_list:
-        if name_ok(n):
-            held.add(n)
-        else:
-            notify(f"rhaas: skipped an upstream node with an invalid name {str(n)[:64]!r}")
+    held = settled_project_nodes(client, project, notify)
     ops = {e.get("op") for e in stale.values()}
     local = {d["name"] for d in view.nodes()}
     add = sorted(held - local) if "lease" in ops else []

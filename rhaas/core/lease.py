@@ -56,18 +56,24 @@ CONNECT_WORKERS = 8  # connect_node calls in flight at once
 
 def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict:
     """An inventory record for a node just leased, from the upstream's show_node."""
-    shown = shown or {}
-    meta = dict(shown.get("metadata") or {})
+    shown = shown if isinstance(shown, dict) else {}
+    meta = dict(shown.get("metadata") if isinstance(shown.get("metadata"), dict) else {})
     ssh = meta.get("rhaas.ssh")
     try:
         ssh = str(parse_ssh(ssh)) if isinstance(ssh, str) else None
     except UsageError:
         ssh = None  # malformed: "no SSH path known", never guess
     host_key = meta.get("rhaas.ssh_host_key")
-    nics = [
-        {"label": n.get("label"), "macaddr": n.get("macaddr"), "networks": dict(n.get("networks") or {})}
-        for n in shown.get("nics") or []
-    ]
+    nics = []
+    for n in shown.get("nics") or []:  # labels and networks are names too: a bad one is left out
+        if not isinstance(n, dict) or not name_ok(n.get("label")):
+            continue
+        nets = n.get("networks") if isinstance(n.get("networks"), dict) else {}
+        nics.append({
+            "label": n["label"],
+            "macaddr": n.get("macaddr") if isinstance(n.get("macaddr"), str) else None,
+            "networks": {str(ch): net for ch, net in nets.items() if name_ok(net)},
+        })
     return new_node(
         name,
         "leased",
