@@ -122,21 +122,36 @@ def test_sigkill_free_is_finished_by_the_next_command(tmp_path, start_serve):
     make_root(root, nodes=[plain_node(i) for i in range(1, 21)], users=USERS, projects=("p1",))
     served = start_serve(root)
     rhaas(home, "init", "--upstream", served.url, "--project", "p1", "--user", "alice", env=ENV, check=True)
-    rhaas(home, "lease", "20", env=ENV, check=True)
-    names = "\n".join(sorted(local(home))) + "\n"
     full = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
     full.update(RHAAS_HOME=str(home), RHAAS_UPSTREAM_PASSWORD="pw")
-    proc = subprocess.Popen([sys.executable, "-m", "rhaas", "free", "-", "--no-standby"], cwd=str(ROOT), env=full,
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-    proc.stdin.write(names)
-    proc.stdin.close()
-    assert wait_for(lambda: len(upstream_held(root)) <= 15 or proc.poll() is not None, timeout=30, interval=0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+
+    def killed_free() -> str:
+        rhaas(home, "lease", "20", env=ENV, check=True)
+        names = "\n".join(sorted(local(home))) + "\n"
+        proc = subprocess.Popen([sys.executable, "-m", "rhaas", "free", "-", "--no-standby"], cwd=str(ROOT),
+                                env=full, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, text=True)
+        proc.stdin.write(names)
+        proc.stdin.close()
+        assert wait_for(lambda: len(upstream_held(root)) <= 15 or proc.poll() is not None, timeout=30, interval=0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert len(upstream_held(root)) < 20
+        return names
+
+    # the next command is a list: it removes what the killed free released, keeps the rest
+    killed_free()
     nxt = rhaas(home, "list", "-q", env=ENV, timeout=60)
     assert nxt.returncode == 0, nxt.stderr
     assert upstream_held(root) == local(home)
-    assert len(local(home)) < 20
+    assert len(local(home)) < 20 and "interrupted free released it" in nxt.stderr
+    rhaas(home, "free", "-", "--no-standby", input=nxt.stdout, env=ENV, check=True)
+    # the next command is the same free again: every node ends freed, exit 0
+    names = killed_free()
+    again = rhaas(home, "free", "-", "--no-standby", "--json", input=names, env=ENV, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert {r["node"] for r in json.loads(again.stdout)} == set(names.split())
+    assert local(home) == upstream_held(root) == set()
 
 
 def test_free_of_a_node_already_released_upstream(tmp_path, start_serve):
@@ -170,3 +185,22 @@ def test_free_of_a_node_already_released_upstream(tmp_path, start_serve):
     assert proc.returncode == 0, proc.stderr
     assert local(home) == set()
     assert upstream_held(root, "p2") == {"node-03"}
+
+
+def test_only_entries_of_finished_runs_are_resolved(rhaas_home):
+    """A running lease's entry is left alone; a finished (or recycled-pid) owner's is stale."""
+    from rhaas.core import journal
+
+    rhaas(rhaas_home, "init", check=True)
+    store = Store(rhaas_home)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(done.stdout)
+    with store.transaction("test") as tx:
+        tbl = tx.table("journal")
+        tbl.insert(dict(journal.owner(), op="lease", nodes=[]))  # this process: alive
+        tbl.insert(dict(journal.owner(), op="lease", nodes=[], pid=dead_pid))  # exited
+        tbl.insert(dict(journal.owner(), op="lease", nodes=[], pid_start=1))  # our pid, another start
+        tbl.insert(dict(journal.owner(), op="free", nodes=[], pid=None))  # handed over
+    stale = journal.stale_entries(store.snapshot())
+    assert sorted(stale) == ["2", "3", "4"]

@@ -110,10 +110,15 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
     view = store.snapshot()
     project = require_project(view)
     client = upstream_client(store)
-    if not dry_run:
-        journal.resolve(store, client, notify)
-        view = store.snapshot()
     results: list[NodeResult] = []
+    if not dry_run:
+        recorded = {c["node"] for c in journal.resolve(store, client, notify) if c["change"].startswith("recorded")}
+        view = store.snapshot()
+        if names and recorded & set(names):  # the interrupted lease had taken them: done
+            results = [NodeResult.ok(n, note="recorded from an interrupted lease") for n in names if n in recorded]
+            names = [n for n in names if n not in recorded]
+            if not names:
+                return results
     if names:
         held_here = [n for n in names if view.node(n) is not None]
         if held_here:
@@ -183,7 +188,9 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
         for d in docs:
             tx.event("lease", d["name"], "ok", project=project)
         journal.finish(tx, entry, unresolved=unsure)
-    results = [NodeResult.ok(n) for n in held] + results
+    results = [r for r in results if r.get("note")] + [NodeResult.ok(n) for n in held] + [
+        r for r in results if not r.get("note")
+    ]
     if stop_reason == "interrupted":
         raise KeyboardInterrupt
     return results
@@ -245,8 +252,14 @@ def free_nodes(store, names: list[str], dry_run: bool = False, force: bool = Fal
         check_name(n, "node name")
     view = store.snapshot()
     project = require_project(view)
+    done: list[NodeResult] = []
     if not dry_run and journal.stale_entries(view):
-        journal.resolve(store, upstream_client(store), notify)
+        changes = journal.resolve(store, upstream_client(store), notify)
+        removed = {c["node"] for c in changes if c["change"].startswith("removed")}
+        done = [NodeResult.ok(n, note="released by an interrupted free") for n in names if n in removed]
+        names = [n for n in names if n not in removed]
+        if not names:
+            return done
         view = store.snapshot()
     docs = require_nodes(view, names)
     bad = [d["name"] for d in docs if d.get("source") != "leased"]
@@ -289,7 +302,7 @@ def free_nodes(store, names: list[str], dry_run: bool = False, force: bool = Fal
     for r in results:
         if r.get("note"):
             (notify or _stderr)(f"rhaas: {r['node']}: {r['note']}")
-    return results
+    return done + results
 
 
 def reconcile(store, dry_run: bool = False, notify: Notify | None = None):
