@@ -26,6 +26,8 @@ from rhaas.errors import (
 )
 from rhaas.model import NAME_MAX, check_name, name_ok, new_node, parse_ssh
 
+DETAIL_WORKERS = 8  # parallel show_node calls; a real HIL spends ~0.4 s of CPU on each
+CONNECT_WORKERS = 8  # connect_node calls in flight at once
 Notify = Callable[[str], None]
 RECONCILE_HINT = "run 'rhaas reconcile' once the upstream answers"
 
@@ -49,9 +51,6 @@ def checked_names(names, notify: Notify | None = None, what: str = "upstream nod
             shown = repr(n[:NAME_MAX]) + ("..." if len(n) > NAME_MAX else "") if isinstance(n, str) else repr(n)
             (notify or _stderr)(f"rhaas: skipped {what} {shown}: not a valid node name")
     return out
-
-DETAIL_WORKERS = 8  # parallel show_node calls; a real HIL spends ~0.4 s of CPU on each
-CONNECT_WORKERS = 8  # connect_node calls in flight at once
 
 
 def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict:
