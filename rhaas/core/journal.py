@@ -12,7 +12,10 @@ next lease, free, reconcile or list, by asking the upstream what the project hol
   still held stays, with a line saying to run ``rhaas free`` again.
 
 An owner is a (pid, process start time) pair read from /proc, so a recycled pid is not
-mistaken for the run that wrote the entry.
+mistaken for the run that wrote the entry. A killed run's last requests may still be applied
+upstream after it died, so the resolution reads the project's nodes until two reads agree
+(:func:`settled_project_nodes`); a request the upstream applies later still is found by
+``rhaas reconcile``.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def stale_entries(view) -> dict[str, dict]:
     return {k: e for k, e in entries.items() if isinstance(e, dict) and not owner_alive(e)}
 
 
-SETTLE_PAUSE = 0.3  # seconds between two reads of the project's nodes
+SETTLE_PAUSE = 0.3  # least pause between two reads of the project's nodes
+SETTLE_PAUSE_MAX = 2.0
 SETTLE_DEADLINE = 10.0  # at most this long waiting for the upstream to settle
 
 
@@ -109,9 +113,12 @@ def settled_project_nodes(client, project: str, notify: Notify) -> set[str]:
     (rare: after a kill) pays this pause.
     """
     deadline = time.monotonic() + SETTLE_DEADLINE
+    started = time.monotonic()
     last = _project_nodes(client, project, notify)
+    # a loaded upstream applies requests more slowly: pause three times what one read took
+    pause = min(SETTLE_PAUSE_MAX, max(SETTLE_PAUSE, 3 * (time.monotonic() - started)))
     while time.monotonic() < deadline:
-        time.sleep(SETTLE_PAUSE)
+        time.sleep(pause)
         now = _project_nodes(client, project, lambda msg: None)
         if now == last:
             break
