@@ -60,7 +60,9 @@ class StandIn:
                     nics = [{"label": "eth0", "macaddr": "52:54:00:00:00:01", "networks": {"vlan/native": "net-1"}},
                             {"label": "$(touch F)", "macaddr": "x", "networks": {}},
                             {"label": "eth1", "macaddr": "52:54:00:00:00:02", "networks": {"vlan/2": "a b"}}]
-                    return self._answer(200, {"name": name, "project": "p1", "nics": nics, "metadata": {}})
+                    meta = {"rhaas.ssh_host_key": json.dumps("ssh-ed25519 AAAAC3Nz\n@cert-authority * ssh-rsa AAAA"),
+                            "rhaas.image": json.dumps("$(touch F)"), "rhaas.ssh": json.dumps("root@h;x")}
+                    return self._answer(200, {"name": name, "project": "p1", "nics": nics, "metadata": meta})
                 return self._answer(404, {"type": "NotFoundError", "msg": "no such route"})
 
             def do_POST(self):
@@ -128,6 +130,8 @@ def test_hostile_upstream_names_are_never_stored_offered_or_run(tmp_path, standi
     # names inside a node's document (NIC labels, networks) are checked as well
     nics = Store(home).snapshot().node("good-1")["nics"]
     assert [(n["label"], n["networks"]) for n in nics] == [("eth0", {"vlan/native": "net-1"}), ("eth1", {})]
+    doc = Store(home).snapshot().node("good-1")
+    assert doc["ssh_host_key"] is None and doc["image"] is None and doc["ssh"] is None
     # refused names are reported in short lines (the 10 KB name is not echoed), never connected
     assert "$(touch F)" in proc.stderr or "invalid" in proc.stderr
     assert all(len(line) < 300 for line in proc.stderr.splitlines())

@@ -10,6 +10,7 @@ a refused one is skipped with a one-line reason.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from rhaas.model import NAME_MAX, check_name, name_ok, new_node, parse_ssh
 
 DETAIL_WORKERS = 8  # parallel show_node calls; a real HIL spends ~0.4 s of CPU on each
 CONNECT_WORKERS = 8  # connect_node calls in flight at once
+HOST_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-nistp[0-9]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}$")
 Notify = Callable[[str], None]
 RECONCILE_HINT = "run 'rhaas reconcile' once the upstream answers"
 
@@ -63,6 +65,9 @@ def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict
     except UsageError:
         ssh = None  # malformed: "no SSH path known", never guess
     host_key = meta.get("rhaas.ssh_host_key")
+    if not (isinstance(host_key, str) and HOST_KEY_RE.match(host_key)):
+        host_key = None  # not a "TYPE BASE64" key line: no pinned key, never a mangled one
+    image = meta.get("rhaas.image")
     nics = []
     for n in shown.get("nics") or []:  # labels and networks are names too: a bad one is left out
         if not isinstance(n, dict) or not name_ok(n.get("label")):
@@ -78,10 +83,10 @@ def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict
         "leased",
         upstream_name=name,
         ssh=ssh,
-        ssh_host_key=host_key if isinstance(host_key, str) else None,
+        ssh_host_key=host_key,
         nics=nics,
         metadata={k: v for k, v in meta.items() if not k.startswith("rhaas.")},
-        image=meta.get("rhaas.image") if isinstance(meta.get("rhaas.image"), str) else None,
+        image=image if name_ok(image) else None,
         upstream={"endpoint": upstream_url, "node": name},
     )
 
