@@ -90,7 +90,9 @@ def finish(tx, entry_id: int, unresolved: list[str] | None = None) -> None:
 
 def stale_entries(view) -> dict[str, dict]:
     """Journal entries whose owner is gone (cheap: no upstream call, usually an empty table)."""
-    entries = view.data.get("journal") or {}
+    entries = view.data.get("journal")
+    if not isinstance(entries, dict):
+        return {}
     return {k: e for k, e in entries.items() if isinstance(e, dict) and not owner_alive(e)}
 
 
@@ -159,8 +161,8 @@ def resolve(store, client=None, notify: Notify | None = None) -> list[dict]:
     changes = [{"node": n, "change": "recorded (an interrupted lease connected it upstream)"} for n in add]
     changes += [{"node": n, "change": "removed (an interrupted free released it upstream)"} for n in sorted(set(remove))]
     with store.transaction() as tx:
-        current = tx.data.get("journal") or {}
-        ids = [int(k) for k in stale if k in current and not owner_alive(current[k])]
+        current = stale_entries(tx)
+        ids = [int(k) for k in stale if k in current]
         if ids:
             tx.table("journal").remove(doc_ids=ids)
         fresh = [d for d in docs if tx.node(d["name"]) is None]
