@@ -4,7 +4,8 @@ Every TAB starts a fresh `rhaas` process, so this module imports nothing heavy (
 it knows the inventory's home directory and reads and writes ``cache/names.json``, a few kB
 of node, image and network names. Parsing a 10,000-node inventory costs ~80 ms, too much for
 every TAB; the index names the inventory file it describes (inode, mtime, size), so a reader
-can tell at once whether it still matches, and rebuilds it when it does not.
+can tell at once whether it still matches, and rebuilds it when it does not. Only names that
+pass rhaas.model.name_ok are indexed: a bad name in an old inventory is never offered by TAB.
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ def write_names_index(home: str | os.PathLike, data: dict) -> dict | None:
 
     Best effort: a failure returns None and only makes the next TAB parse the inventory itself.
     """
+    from rhaas.model import name_ok
+
+    def docs(table):
+        rows = data.get(table)
+        return [d for d in rows.values() if isinstance(d, dict) and name_ok(d.get("name"))] if isinstance(
+            rows, dict) else []
+
     try:
         st = os.stat(Path(home) / DB_NAME)
         doc = {
             "key": [st.st_ino, st.st_mtime_ns, st.st_size],
-            "nodes": [[d["name"], d.get("source"), d.get("project")] for d in data.get("nodes", {}).values()],
-            "images": [d["name"] for d in data.get("images", {}).values()],
-            "networks": [d["name"] for d in data.get("networks", {}).values()],
+            "nodes": [[d["name"], d.get("source"), d.get("project")] for d in docs("nodes")],
+            "images": [d["name"] for d in docs("images")],
+            "networks": [d["name"] for d in docs("networks")],
         }
         cache = Path(home) / INDEX_PATH[0]
         cache.mkdir(mode=0o700, exist_ok=True)

@@ -37,7 +37,8 @@ from rhaas.names_index import DB_NAME, default_home, write_names_index
 SCHEMA_VERSION = 1
 LOCK_NAME = "rhaas.lock"
 EVENTS_KEPT = 20000  # older events move to events.archive.jsonl, nothing is dropped
-TABLES = ("meta", "config", "nodes", "images", "users", "projects", "networks", "actions", "events")
+TABLES = ("meta", "config", "nodes", "images", "users", "projects", "networks", "actions", "events", "journal")
+# journal: intents of leases and frees in flight (rhaas.core.journal), resolved after a kill
 
 Table.default_query_cache_capacity = 0
 
