@@ -65,7 +65,7 @@ def test_upstream_dies_mid_lease_then_reconcile(tmp_path):
         assert [r["outcome"] for r in rows[:-1]] == ["ok"] * (len(rows) - 1)
         missing = 60 - (len(rows) - 1)
         assert rows[-1] == {"node": f"({missing} more)", "outcome": "failed",
-                            "reason": f"upstream {served.url} unreachable: connection refused"}
+                            "reason": f"upstream {served.url} unreachable: connection refused; run 'rhaas reconcile' once the upstream answers"}
         assert err == f"rhaas: lease failed for 1 of {len(rows)}: ({missing} more)\n"
         held_before = upstream_held(root)
         assert 5 <= len(held_before) < 60

@@ -20,7 +20,8 @@ def upstream_password(view) -> str | None:
     return os.environ.get("RHAAS_UPSTREAM_PASSWORD") or view.config().get("upstream-password")
 
 
-def upstream_client(store: Store):
+def upstream_client(store: Store, warn=None):
+    """The HIL client for this instance's upstream; ``warn(line)`` hears of refused upstream names."""
     from rhaas.adapters.hil import HILClient
 
     view = store.snapshot()
@@ -30,7 +31,7 @@ def upstream_client(store: Store):
         raise UsageError("this is a root instance: it has no upstream (run 'rhaas init --upstream URL ...')")
     user, _ = settings_mod.resolve(stored, "user")
     timeout, _ = settings_mod.resolve(stored, "upstream-timeout")
-    return HILClient(url, user, upstream_password(view), timeout=timeout,
+    return HILClient(url, user, upstream_password(view), timeout=timeout, warn=warn,
                      max_list_bytes=settings_mod.resolve(stored, "upstream-max-list-bytes")[0],
                      max_doc_bytes=settings_mod.resolve(stored, "upstream-max-doc-bytes")[0])
 

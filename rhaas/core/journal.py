@@ -156,7 +156,7 @@ def resolve(store, client=None, notify: Notify | None = None) -> list[dict]:
             if not isinstance(n, str) or n not in local:
                 continue
             (still if n in held else remove).append(n)
-    shown = _details(client, add) if add else {}
+    shown = _details(client, add, notify) if add else {}
     docs = [node_from_upstream(n, shown.get(n), client.url) for n in add]
     changes = [{"node": n, "change": "recorded (an interrupted lease connected it upstream)"} for n in add]
     changes += [{"node": n, "change": "removed (an interrupted free released it upstream)"} for n in sorted(set(remove))]

@@ -39,6 +39,11 @@ def _stderr(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _warner(notify: Notify | None) -> Notify:
+    """Where the HIL client's refused upstream names go: one ``rhaas: skipped ...`` line each."""
+    return lambda line: (notify or _stderr)(f"rhaas: skipped: {line}")
+
+
 def checked_names(names, notify: Notify | None = None, what: str = "upstream node") -> list[str]:
     """The valid names of an upstream list; each refused one is skipped with a one-line reason."""
     if not isinstance(names, list):
@@ -91,11 +96,14 @@ def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict
     )
 
 
-def _details(client, names: list[str]) -> dict[str, dict | None]:
+def _details(client, names: list[str], notify: Notify | None = None) -> dict[str, dict | None]:
+    """show_node for each name; a node whose document cannot be read is recorded without details."""
+
     def show(name):
         try:
             return name, client.show_node(name)
-        except RhaasError:
+        except RhaasError as exc:
+            (notify or _stderr)(f"rhaas: {name}: recorded without details: {exc}")
             return name, None
 
     with ThreadPoolExecutor(max_workers=min(DETAIL_WORKERS, max(1, len(names)))) as pool:
@@ -113,7 +121,7 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
         check_name(n, "node name")
     view = store.snapshot()
     project = require_project(view)
-    client = upstream_client(store)
+    client = upstream_client(store, warn=_warner(notify))
     results: list[NodeResult] = []
     if not dry_run:
         recorded = {c["node"] for c in journal.resolve(store, client, notify) if c["change"].startswith("recorded")}
@@ -185,7 +193,7 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
         results.extend(NodeResult.failed(n, stop_reason) for n in queue)
     if not names and len(held) < count:
         results.append(NodeResult.failed(f"({count - len(held)} more)", stop_reason or "not enough free nodes upstream"))
-    shown = _details(client, held) if held else {}
+    shown = _details(client, held, notify) if held else {}
     docs = [node_from_upstream(n, shown.get(n), client.url) for n in held]
     with store.transaction() as tx:
         tx.put_nodes(docs)
@@ -258,7 +266,7 @@ def free_nodes(store, names: list[str], dry_run: bool = False, force: bool = Fal
     project = require_project(view)
     done: list[NodeResult] = []
     if not dry_run and journal.stale_entries(view):
-        changes = journal.resolve(store, upstream_client(store), notify)
+        changes = journal.resolve(store, upstream_client(store, warn=_warner(notify)), notify)
         removed = {c["node"] for c in changes if c["change"].startswith("removed")}
         done = [NodeResult.ok(n, note="released by an interrupted free") for n in names if n in removed]
         names = [n for n in names if n not in removed]
@@ -276,7 +284,7 @@ def free_nodes(store, names: list[str], dry_run: bool = False, force: bool = Fal
         )
     if dry_run:
         return [NodeResult(node=d["name"], outcome="would-free", reason=None) for d in docs]
-    client = upstream_client(store)
+    client = upstream_client(store, warn=_warner(notify))
     if before_release:
         before_release(docs)
     entry = journal.begin(store, "free", [d["name"] for d in docs], project=project)
@@ -315,7 +323,7 @@ def reconcile(store, dry_run: bool = False, notify: Notify | None = None):
 
     view = store.snapshot()
     project = require_project(view)
-    client = upstream_client(store)
+    client = upstream_client(store, warn=_warner(notify))
     if not dry_run and journal.stale_entries(view):
         journal.resolve(store, client, notify)
         view = store.snapshot()
@@ -327,7 +335,7 @@ def reconcile(store, dry_run: bool = False, notify: Notify | None = None):
     changes += [{"node": n, "change": "removed (no longer held upstream)"} for n in gone_upstream]
     if dry_run or not changes:
         return changes
-    shown = _details(client, missing_here)
+    shown = _details(client, missing_here, notify)
     docs = [node_from_upstream(n, shown.get(n), client.url) for n in missing_here]
     with store.transaction() as tx:
         tx.put_nodes(docs)
