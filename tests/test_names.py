@@ -132,7 +132,7 @@ def test_hostile_upstream_names_are_never_stored_offered_or_run(tmp_path, standi
     # names inside a node's document (NIC labels, networks) are checked as well: a hostile NIC
     # label makes the whole document refused, so the held node is recorded without its details
     assert Store(home).snapshot().node("good-1")["nics"] == []
-    assert "good-1: recorded without details" in proc.stderr
+    assert "recorded without details: good-1" in proc.stderr
     doc = Store(home).snapshot().node("good-1")
     assert doc["ssh_host_key"] is None and doc["image"] is None and doc["ssh"] is None
     # refused names are reported in short lines (the 10 KB name is not echoed), never connected

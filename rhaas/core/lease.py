@@ -97,17 +97,25 @@ def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict
 
 
 def _details(client, names: list[str], notify: Notify | None = None) -> dict[str, dict | None]:
-    """show_node for each name; a node whose document cannot be read is recorded without details."""
+    """show_node for each name. A node whose document cannot be read is recorded without details,
+    and said once per reason on stderr (an upstream gone mid-way is one line, not one per node)."""
 
     def show(name):
         try:
-            return name, client.show_node(name)
+            return name, client.show_node(name), None
         except RhaasError as exc:
-            (notify or _stderr)(f"rhaas: {name}: recorded without details: {exc}")
-            return name, None
+            return name, None, str(exc)
 
     with ThreadPoolExecutor(max_workers=min(DETAIL_WORKERS, max(1, len(names)))) as pool:
-        return dict(pool.map(show, names))
+        answers = list(pool.map(show, names))
+    why: dict[str, list[str]] = {}
+    for name, _, reason in answers:
+        if reason:
+            why.setdefault(reason, []).append(name)
+    for reason, nodes in why.items():
+        shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        (notify or _stderr)(f"rhaas: recorded without details: {shown}: {reason}")
+    return {name: doc for name, doc, _ in answers}
 
 
 def lease_nodes(store, count: int | None = None, names: list[str] | None = None, dry_run: bool = False,
