@@ -92,7 +92,7 @@ NODES = _Table(
     what="node",
 )
 NIC_FIELDS = {"label": STR, "macaddr": OPT_STR, "networks": OBJ}
-IPMI_FIELDS = {"host": OPT_STR, "port": OPT_INT, "user": OPT_STR, "password": OPT_STR, "interface": OPT_STR,
+IPMI_FIELDS = {"host": STR, "port": OPT_INT, "user": OPT_STR, "password": OPT_STR, "interface": OPT_STR,
                "cipher_suite": OPT_INT}
 IMAGE_FILE_FIELDS = {"path": STR, "size": INT, "sha256": STR, "mtime_ns": INT}
 
@@ -161,9 +161,9 @@ def parse_inventory(raw: bytes) -> dict:
 
 
 def _table_docs(data: dict, name: str) -> dict:
-    docs = data.get(name)
-    if docs is None:
-        return {}
+    if name not in data:
+        return {}  # a table never written to is simply empty
+    docs = data[name]
     if type(docs) is not dict:
         raise InventoryShapeError(f"table {name!r} is {_kind(docs)}, not an object of id -> entry")
     for key, doc in docs.items():
@@ -263,7 +263,8 @@ def _check_nodes(docs: dict) -> None:
                 for i, one in enumerate(nics):
                     _check_sub(where, f"nics[{i}]", one, NIC_FIELDS, required=("label",))
         if ipmi is not None:
-            _check_sub(lambda k=key, d=doc: _where("nodes", k, d, NODES), "ipmi", ipmi, IPMI_FIELDS)
+            _check_sub(lambda k=key, d=doc: _where("nodes", k, d, NODES), "ipmi", ipmi, IPMI_FIELDS,
+                       required=("host",))
         if type(keys) is list:
             _check_strings(_where("nodes", key, doc, NODES), "tenant_ssh_keys", keys)
         if last_boot is not None and not 0 <= last_boot <= MAX_TIME:
@@ -298,7 +299,7 @@ def check_document(data: dict, schema: int, tables=()) -> None:
     found = (meta.get("1") or {}).get("schema")
     if found != schema:
         raise InventorySchemaError(found)
-    for name in tables:
+    for name in ("events", *tables):
         if name not in TABLES:
             _table_docs(data, name)  # ids and objects; the event log's fields when it is read
     docs = {name: _table_docs(data, name) for name in TABLES if name != "meta"}

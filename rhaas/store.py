@@ -65,6 +65,8 @@ class _MemoryStorage(Storage):
 class _View:
     """Shared read API over one loaded document ({table: {doc_id: doc}})."""
 
+    source = "(in memory)"  # the file it was read from, for error messages
+
     def __init__(self, data: dict):
         self.data = data
         for t in TABLES:
@@ -109,7 +111,8 @@ class _View:
             try:
                 inventory_schema.check_events(self.data["events"])
             except inventory_schema.InventoryShapeError as exc:
-                raise StoreError(f"the inventory's event log is damaged: {exc}; {inventory_files.RECOVER}") from None
+                raise StoreError(f"inventory {self.source} is damaged in its event log: {exc}; "
+                                 f"{inventory_files.RECOVER}") from None
             self._events_checked = True
         return [self.data["events"][k] for k in sorted(self.data["events"], key=int)]
 
@@ -271,6 +274,7 @@ class Store:
             raise
         if use_cache:
             snap = Snapshot(data)
+            snap.source = str(self.path)
             with _cache_lock:
                 old = self._cached
                 self._cached = (ino, fh, snap)
