@@ -166,6 +166,9 @@ def _table_docs(data: dict, name: str) -> dict:
     docs = data[name]
     if type(docs) is not dict:
         raise InventoryShapeError(f"table {name!r} is {_kind(docs)}, not an object of id -> entry")
+    ids = "".join(docs)  # all ids and entries at C speed; the loop below only says which is wrong
+    if ids.isascii() and ids.isdigit() and "" not in docs and set(map(type, docs.values())) == {dict}:
+        return docs
     for key, doc in docs.items():
         if not (key.isascii() and key.isdigit()):
             raise InventoryShapeError(f"table {name!r} has the id {_short(key)}, not a number")
@@ -193,9 +196,8 @@ def _check_fields(table: str, key: str, doc: dict, spec: _Table) -> None:
 
 def _check_docs(table: str, docs: dict, spec: _Table) -> None:
     seen: set[tuple] = set()
-    types_of = spec.types_of
     for key, doc in docs.items():
-        sig = types_of(doc)
+        sig = (tuple(doc), tuple(map(type, doc.values())))  # spec.types_of, inlined
         if sig not in seen:
             _check_fields(table, key, doc, spec)
             seen.add(sig)
@@ -252,9 +254,14 @@ _OPT_STR = frozenset(OPT_STR)
 
 
 def _check_nodes(docs: dict) -> None:
-    _check_docs("nodes", docs, NODES)
+    """_check_docs for nodes, with their nested fields, in one pass."""
     opt_str = _OPT_STR
+    seen: set[tuple] = set()
     for key, doc in docs.items():
+        sig = (tuple(doc), tuple(map(type, doc.values())))
+        if sig not in seen:
+            _check_fields("nodes", key, doc, NODES)
+            seen.add(sig)
         nics, ipmi, keys, last_boot = doc["nics"], doc["ipmi"], doc.get("tenant_ssh_keys"), doc["last_boot"]
         for nic in nics:  # the common shape inline; anything else gets the precise check
             if not (type(nic) is dict and type(nic.get("label")) is str and type(nic.get("networks", {})) is dict
@@ -269,6 +276,7 @@ def _check_nodes(docs: dict) -> None:
             _check_strings(_where("nodes", key, doc, NODES), "tenant_ssh_keys", keys)
         if last_boot is not None and not 0 <= last_boot <= MAX_TIME:
             _check_time(_where("nodes", key, doc, NODES), "last_boot", last_boot)
+    _check_names("nodes", docs, NODES)
 
 
 def _check_small_tables(tables: dict[str, dict]) -> None:
