@@ -61,32 +61,36 @@ def check_private(path: Path, st: os.stat_result, what: str, mode: int) -> None:
         )
 
 
+NOT_A_DIRECTORY = "RHAAS_HOME {home} is not a directory; point RHAAS_HOME at the inventory's directory"
+
+
 def check_home(home: Path) -> None:
-    """The inventory's directory exists, is a directory, is ours and is private (0700)."""
+    """The inventory's directory is a directory, is ours and is private (0700)."""
     try:
         st = os.stat(home)
-    except FileNotFoundError:
-        raise NoInventoryError(f"no rhaas inventory at {home}; run 'rhaas init' first (or set RHAAS_HOME)") from None
     except OSError as exc:
         raise os_problem(exc, home, "open the inventory directory") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"RHAAS_HOME {home} is not a directory; point RHAAS_HOME at the inventory's directory")
+        raise StoreError(NOT_A_DIRECTORY.format(home=home))
     check_private(home, st, "inventory directory", 0o700)
 
 
 def open_inventory(home: Path, path: Path):
     """``path`` opened for reading (a binary file object) and its stat, after every check.
 
-    Opened non-blocking, so a FIFO put in its place cannot hang the command.
+    Opened non-blocking, so a FIFO put in its place cannot hang the command. A missing file
+    is reported as such (run 'rhaas init') before anything is said about the directory.
     """
-    check_home(home)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NoInventoryError(f"no rhaas inventory at {home}; run 'rhaas init' first (or set RHAAS_HOME)") from None
+    except NotADirectoryError:
+        raise StoreError(NOT_A_DIRECTORY.format(home=home)) from None
     except OSError as exc:
         raise os_problem(exc, path, "read the inventory") from None
     try:
+        check_home(home)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
