@@ -204,6 +204,10 @@ def run_inprocess(args: list[str]) -> tuple[int, str, str]:
     return code, out, err
 
 
+def home_files(home: Path) -> list:
+    return sorted((str(p.relative_to(home)), p.stat().st_mtime_ns, p.stat().st_size) for p in home.rglob("*"))
+
+
 def check_outcome(label, args, code, out, err, path: Path, before: bytes, refused: bool) -> None:
     what = f"{label!r}: rhaas {' '.join(args)} -> {code}\nstdout: {out[:300]}\nstderr: {err[:600]}"
     assert code != 70 and "Traceback" not in err and "internal error" not in err, what
@@ -251,8 +255,11 @@ def test_corrupt_inventories_give_one_line_and_exit_4(base, monkeypatch):
         refused += bad_log
         accepted += not bad_log
         for args in READ_COMMANDS + ([WRITE_COMMAND] if bad else []):
+            files = home_files(home)
             code, out, err = run_inprocess(args)
             check_outcome(label, args, code, out, err, path, data, bad_log if args == ["events"] else bad)
+            if code == EXIT_DAMAGED:
+                assert home_files(home) == files, (label, args)  # no key, cache or archive written either
     assert refused >= 200, (refused, accepted)  # the fuzz really exercised damaged inventories
 
 
