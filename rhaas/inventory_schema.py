@@ -70,11 +70,6 @@ class _Table:
         self.named = named  # the field that must be a valid, unique rhaas name
         self.what = what
 
-    @staticmethod
-    def types_of(doc: dict) -> tuple:
-        """Its field names and their types: documents made by the same code share this tuple."""
-        return tuple(doc), tuple(map(type, doc.values()))
-
 
 # what new_node() writes; every node document is made by it, so every field is required
 NODES = _Table(
@@ -197,7 +192,7 @@ def _check_fields(table: str, key: str, doc: dict, spec: _Table) -> None:
 def _check_docs(table: str, docs: dict, spec: _Table) -> None:
     seen: set[tuple] = set()
     for key, doc in docs.items():
-        sig = (tuple(doc), tuple(map(type, doc.values())))  # spec.types_of, inlined
+        sig = (tuple(doc), tuple(map(type, doc.values())))  # its fields and their types
         if sig not in seen:
             _check_fields(table, key, doc, spec)
             seen.add(sig)
