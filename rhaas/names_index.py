@@ -67,18 +67,31 @@ def read_names_index(home: str | os.PathLike | None = None) -> dict:
     try:
         with open(home.joinpath(*INDEX_PATH), encoding="utf-8") as fh:
             doc = json.load(fh)
-        if isinstance(doc, dict) and doc.get("key") == [st.st_ino, st.st_mtime_ns, st.st_size]:
+        if isinstance(doc, dict) and doc.get("key") == [st.st_ino, st.st_mtime_ns, st.st_size] and _index_ok(doc):
             return doc
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
+    # the inventory's own check: a damaged inventory offers nothing and no index is written for it
+    from rhaas.inventory_schema import SCHEMA_VERSION, InventoryShapeError, check_document, parse_inventory
+
     try:
         with open(home / DB_NAME, "rb") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
+            data = parse_inventory(fh.read())
+        check_document(data, SCHEMA_VERSION)
+    except (OSError, InventoryShapeError):
         return {}
     return write_names_index(home, data) or {}
+
+
+def _index_ok(doc: dict) -> bool:
+    """An index file has the shape completion reads (it is a cache anyone could have broken)."""
+    nodes, images, networks = doc.get("nodes"), doc.get("images"), doc.get("networks")
+    return (
+        isinstance(nodes, list)
+        and all(isinstance(n, list) and len(n) == 3 and isinstance(n[0], str) for n in nodes)
+        and isinstance(images, list) and all(isinstance(n, str) for n in images)
+        and isinstance(networks, list) and all(isinstance(n, str) for n in networks)
+    )
 
 
 __all__ = ["DB_NAME", "default_home", "read_names_index", "write_names_index"]

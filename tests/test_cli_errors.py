@@ -105,7 +105,7 @@ def test_unreachable_upstream_is_bounded(derived, tmp_path):
 
 
 def test_no_instance_yet(rhaas_home):
-    line = unchanged(rhaas_home, "list", code=1)
+    line = unchanged(rhaas_home, "list", code=2)
     assert "rhaas init" in line
 
 
