@@ -92,8 +92,10 @@ def kexec_run(home: Path, farm: NetnsFarm, label: str, limit: float, extra: dict
             doc = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(doc, dict) and "origin_bytes" in doc:
-            say(f"netns.{label}_origin_sent_mb", doc["origin_bytes"] / 1e6)
+        if isinstance(doc, dict):
+            doc = doc.get("rhaas_kexec_transfer", doc)
+            if isinstance(doc, dict) and isinstance(doc.get("origin_bytes"), int):
+                say(f"netns.{label}_origin_sent_mb", doc["origin_bytes"] / 1e6)
     if ok < n:
         reasons = sorted({str(r.get("reason")) for r in results if r.get("outcome") != "ok"})
         print(f"# {label}: exit {done.returncode}; reasons {reasons[:4]}; {done.stderr.strip()[-400:]}", flush=True)

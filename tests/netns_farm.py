@@ -198,7 +198,7 @@ class NetnsFarm:
         _run(["tc", "-n", sw, "-batch", "-"],
              "".join(f"qdisc replace dev {p} root {' '.join(self.tbf_args())}\n" for p in ports))
         _run(["tc", "qdisc", "replace", "dev", self.host_link, "root", *self.tbf_args()])
-        self.applets = [a for a in _run([bb, "--list"]).split() if a not in ("kexec",)]
+        self.applets = ["busybox"] + [a for a in _run([bb, "--list"]).split() if a not in ("kexec", "busybox")]
 
     def tbf_args(self) -> list[str]:
         return ["tbf", "rate", self.rate, "burst", BURST, "latency", LATENCY]
