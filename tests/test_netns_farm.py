@@ -78,6 +78,27 @@ def test_sixteen_nodes_up_on_their_own_addresses(farm):
     assert len(boot_ids) == 3 and host_boot not in boot_ids
 
 
+def test_openssh_client_with_the_farms_known_hosts_sees_a_busybox_standby(farm, operator, tmp_path):
+    from rhaas.adapters.hostkeys import ensure_client_key
+
+    key, _ = ensure_client_key(operator[0])
+    known = tmp_path / "known_hosts"
+    known.write_text(farm.known_hosts())
+    n = farm.nodes[5]
+    ssh = ["ssh", "-i", str(key), "-F", "/dev/null", "-o", f"UserKnownHostsFile={known}",
+           "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
+    done = subprocess.run([*ssh, f"root@{n.addr}", "echo $0; echo $PATH; command -v wget httpd sha256sum kexec busybox"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "sh" and lines[1] == f"{n.dir}/bin"
+    assert lines[2:] == [f"{n.dir}/bin/{tool}" for tool in ("wget", "httpd", "sha256sum", "kexec", "busybox")]
+    # another node's key for this address is refused
+    known.write_text(f"{n.addr} {farm.nodes[6].host_key}\n")
+    done = subprocess.run([*ssh, f"root@{n.addr}", "true"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 255 and "host key" in done.stderr.lower()
+
+
 def test_every_link_end_is_capped_at_100mbit(farm):
     shown = farm.qdiscs()
     assert len(shown) == 2 + 2 * 16  # origin both ends, each node both ends
