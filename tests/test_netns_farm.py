@@ -87,7 +87,7 @@ def test_openssh_client_with_the_farms_known_hosts_sees_a_busybox_standby(farm, 
     n = farm.nodes[5]
     ssh = ["ssh", "-i", str(key), "-F", "/dev/null", "-o", f"UserKnownHostsFile={known}",
            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
-    done = subprocess.run([*ssh, f"root@{n.addr}", "echo $0; echo $PATH; command -v wget httpd sha256sum kexec busybox"],
+    done = subprocess.run([*ssh, f"root@{n.addr}", "echo $0; echo $PATH; for t in wget httpd sha256sum kexec busybox; do command -v $t; done"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
