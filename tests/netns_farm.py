@@ -17,15 +17,14 @@ and an empty home, and a ``PATH`` (sshd's ``SetEnv``) that holds only busybox ap
 for ``down_time`` seconds, every process of the node but its sshd listener is killed, the
 RAM cache is emptied, and ``boot_id`` (a new uuid) and ``cmdline`` (the loaded one) change.
 
-The network is built with iproute2's ``ip``/``tc`` (the maintained tools; ``-batch`` keeps
-the process count low on this 2-core machine). Teardown (:meth:`NetnsFarm.cleanup`,
-idempotent, also from ``__exit__``) kills every process in the farm's namespaces by PID and
-deletes the namespaces, which removes every veth and the bridge with them. Each run uses a
-random prefix and a /24 from 198.19.0.0/16 no host route already covers; what was created
-is written to ``farm.json`` first, so ``python tests/netns_farm.py cleanup DIR`` can finish
-a run that died.
+The network (tests/netns_net.py) is built with iproute2's ``ip``/``tc``. Teardown
+(:meth:`NetnsFarm.cleanup`, idempotent, also from ``__exit__``) kills every process in the
+farm's namespaces by PID and deletes the namespaces, which removes every veth and the bridge
+with them. Each run uses a random prefix and a /24 from 198.19.0.0/16 no host route already
+covers; what was created is written to ``farm.json`` first, so ``python tests/netns_farm.py
+cleanup DIR`` can finish a run that died.
 
-    with NetnsFarm(tmp, authorized_keys=pub, nodes=16) as farm:
+    with NetnsFarm(tmp, authorized_keys=pub, nodes_wanted=16) as farm:
         farm.nodes[0].addr, farm.nodes[0].host_key, farm.register_args(farm.nodes[0])
         farm.node_run(farm.nodes[0], "cat /proc/sys/kernel/random/boot_id")
 """
@@ -35,12 +34,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import random
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,9 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
+from netns_net import BENCH_RANGE, banner, build_network, connects, free_subnet, run, teardown
+
 RATE, BURST, LATENCY = "100mbit", "64kb", "50ms"
 CACHE_DIR = "/run/rhaas"
-BENCH_RANGE = ipaddress.ip_network("198.18.0.0/15")
 SSHD = "/usr/sbin/sshd"
 FAKE_KEXEC = Path(__file__).with_name("netns_fake_kexec.py")
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -78,13 +75,6 @@ def unavailable() -> str | None:
 
 def busybox() -> str | None:
     return next((p for p in BUSYBOX_CANDIDATES if os.access(p, os.X_OK)), None)
-
-
-def _run(argv: list[str], stdin: str | None = None, timeout: float = 30) -> str:
-    proc = subprocess.run(argv, check=False, input=stdin, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(argv[:4])}...: exit {proc.returncode}: {proc.stderr.strip()[:300]}")
-    return proc.stdout
 
 
 @dataclass
@@ -148,7 +138,7 @@ class NetnsFarm:
     def start(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         self.workdir.mkdir(parents=True, exist_ok=True)
-        net = ipaddress.ip_network(self.subnet) if self.subnet else _free_subnet()
+        net = ipaddress.ip_network(self.subnet) if self.subnet else free_subnet()
         if not net.subnet_of(BENCH_RANGE):
             raise ValueError(f"{net} is not inside {BENCH_RANGE}")
         hosts = list(net.hosts())
@@ -178,27 +168,11 @@ class NetnsFarm:
         self.wait_ssh(self.nodes, deadline - time.monotonic())
 
     def _build_network(self) -> None:
-        sw, bb = self.sw_ns, busybox()
-        _run(["ip", "-batch", "-"], "".join(f"netns add {ns}\n" for ns in self._created["namespaces"]))
-        host = [f"link add {self.host_link} type veth peer name origin netns {sw}",
-                f"addr add {self.origin_addr}/{self.net.prefixlen} dev {self.host_link}",
-                f"link set {self.host_link} up"]
-        host += [f"link add eth0 netns {n.ns} type veth peer name {n.ns.rsplit('-', 1)[1]} netns {sw}"
-                 for n in self.nodes]
-        _run(["ip", "-batch", "-"], "\n".join(host) + "\n")
-        Path(f"/proc/sys/net/ipv6/conf/{self.host_link}/disable_ipv6").write_text("1")
-        ports = ["origin"] + [n.ns.rsplit("-", 1)[1] for n in self.nodes]
-        swcmds = ["link add br0 type bridge", "link set br0 up", "link set lo up"]
-        swcmds += [f"link set {p} master br0\nlink set {p} up" for p in ports]
-        _run(["ip", "-n", sw, "-batch", "-"], "\n".join(swcmds) + "\n")
-        for n in self.nodes:
-            _run(["ip", "-n", n.ns, "-batch", "-"],
-                 f"addr add {n.addr}/{self.net.prefixlen} dev eth0\nlink set eth0 up\nlink set lo up\n")
-            _run(["tc", "-n", n.ns, "qdisc", "replace", "dev", "eth0", "root", *self.tbf_args()])
-        _run(["tc", "-n", sw, "-batch", "-"],
-             "".join(f"qdisc replace dev {p} root {' '.join(self.tbf_args())}\n" for p in ports))
-        _run(["tc", "qdisc", "replace", "dev", self.host_link, "root", *self.tbf_args()])
-        self.applets = ["busybox"] + [a for a in _run([bb, "--list"]).split() if a not in ("kexec", "busybox")]
+        prefix = self.net.prefixlen
+        build_network(self.sw_ns, self.host_link, f"{self.origin_addr}/{prefix}",
+                      [(n.ns, n.ns.rsplit("-", 1)[1], f"{n.addr}/{prefix}") for n in self.nodes], self.tbf_args())
+        bb = busybox()
+        self.applets = ["busybox"] + [a for a in run([bb, "--list"]).split() if a not in ("kexec", "busybox")]
 
     def tbf_args(self) -> list[str]:
         return ["tbf", "rate", self.rate, "burst", BURST, "latency", LATENCY]
@@ -212,7 +186,7 @@ class NetnsFarm:
                 (d / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
             key = d / "ssh_host_ed25519_key"
             if not key.exists():
-                _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", n.name, "-f", str(key)])
+                run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", n.name, "-f", str(key)])
             n.host_key = " ".join(Path(f"{key}.pub").read_text().split()[:2])
             (d / "passwd").write_text("\n".join(
                 f"root:x:0:0:root:{d / 'home'}:/bin/sh" if line.startswith("root:") else line for line in passwd) + "\n")
@@ -269,7 +243,7 @@ class NetnsFarm:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{n.name}: sshd exited {proc.returncode}: {_tail(Path(n.dir) / 'start.log')}"
                                    f" {_tail(Path(n.dir) / 'sshd.log')}")
-            if _banner(n.addr, 22, min(2.0, max(0.1, deadline - time.monotonic()))):
+            if banner(n.addr, 22, min(2.0, max(0.1, deadline - time.monotonic()))):
                 todo.pop(0)
                 continue
             if time.monotonic() > deadline:
@@ -278,7 +252,7 @@ class NetnsFarm:
 
     def cleanup(self) -> None:
         """Kill every process in the farm's namespaces (by PID), delete namespaces and links. Idempotent."""
-        _teardown(self._created["namespaces"], self._created["host_links"])
+        teardown(self._created["namespaces"], self._created["host_links"])
         for proc in self._procs:
             try:
                 proc.wait(timeout=10)
@@ -328,11 +302,11 @@ class NetnsFarm:
 
     def qdiscs(self) -> dict[str, str]:
         """``tc qdisc show`` of every farm link end, keyed ``ns/dev`` (``host/<link>`` for the origin)."""
-        out = {f"host/{self.host_link}": _run(["tc", "qdisc", "show", "dev", self.host_link])}
+        out = {f"host/{self.host_link}": run(["tc", "qdisc", "show", "dev", self.host_link])}
         for n in self.nodes:
-            out[f"{n.ns}/eth0"] = _run(["tc", "-n", n.ns, "qdisc", "show", "dev", "eth0"])
+            out[f"{n.ns}/eth0"] = run(["tc", "-n", n.ns, "qdisc", "show", "dev", "eth0"])
         for port in ["origin"] + [n.ns.rsplit("-", 1)[1] for n in self.nodes]:
-            out[f"{self.sw_ns}/{port}"] = _run(["tc", "-n", self.sw_ns, "qdisc", "show", "dev", port])
+            out[f"{self.sw_ns}/{port}"] = run(["tc", "-n", self.sw_ns, "qdisc", "show", "dev", port])
         return out
 
     def transfer_seconds(self, src: Node, dst: Node, nbytes: int, timeout: float = 60) -> float:
@@ -342,7 +316,7 @@ class NetnsFarm:
                                       "-h", "/run/xfer"])
         try:
             deadline = time.monotonic() + 10
-            while not _connects(src.addr, 8080):
+            while not connects(src.addr, 8080):
                 if httpd.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"httpd on {src.name} did not start: {httpd.stderr.read()[:200]!r}")
                 time.sleep(0.05)
@@ -391,76 +365,10 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def _connects(addr: str, port: int) -> bool:
-    try:
-        with socket.create_connection((addr, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _banner(addr: str, port: int, timeout: float) -> bool:
-    try:
-        with socket.create_connection((addr, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(8).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
-def _free_subnet() -> ipaddress.IPv4Network:
-    """A /24 in 198.19.0.0/16 that no host address or route overlaps (random start: parallel runs)."""
-    used = []
-    for line in _run(["ip", "-4", "-o", "addr", "show"]).splitlines() + _run(["ip", "-4", "route", "show"]).splitlines():
-        for word in line.split():
-            try:
-                used.append(ipaddress.ip_network(word, strict=False))
-            except ValueError:
-                pass
-    start = random.randrange(256)
-    for k in range(256):
-        net = ipaddress.ip_network(f"198.19.{(start + k) % 256}.0/24")
-        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
-            return net
-    raise RuntimeError("no free /24 in 198.19.0.0/16")
-
-
-def _ns_pids(ns: str) -> list[int]:
-    try:
-        out = subprocess.run(["ip", "netns", "pids", ns], check=False, capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [int(p) for p in out.split() if p.isdigit()]
-
-
-def _teardown(namespaces: list[str], host_links: list[str]) -> None:
-    """Kill every process in ``namespaces`` (by PID, twice: a dying sshd may fork), delete them and the links."""
-    listed = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True, timeout=10)
-    existing = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
-    namespaces = [ns for ns in namespaces if ns in existing]
-    for _ in range(3):
-        pids = [p for ns in namespaces for p in _ns_pids(ns)]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    if namespaces:
-        subprocess.run(["ip", "-force", "-batch", "-"], check=False, input="".join(f"netns del {ns}\n" for ns in namespaces),
-                       capture_output=True, text=True, timeout=60)
-    for link in host_links:
-        if Path(f"/sys/class/net/{link}").exists():
-            subprocess.run(["ip", "link", "del", link], check=False, capture_output=True, timeout=10)
-
-
 def cleanup_dir(workdir: Path) -> None:
     """Undo a farm from its ``farm.json`` (a run that died before its own cleanup)."""
     doc = json.loads((Path(workdir) / "farm.json").read_text())
-    _teardown(doc.get("namespaces", []), doc.get("host_links", []))
+    teardown(doc.get("namespaces", []), doc.get("host_links", []))
 
 
 if __name__ == "__main__":

@@ -178,3 +178,39 @@ def test_teardown_leaves_nothing_and_runs_twice(tmp_path, operator):
     assert farm.prefix not in links
     farm.cleanup()  # idempotent
     assert json.loads((tmp_path / "f" / "farm.json").read_text())["namespaces"] == []
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (orphans are re-parented to PID 1, which here does not reap them)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_run_killed_mid_way_is_finished_from_its_farm_json(tmp_path, operator):
+    from netns_net import teardown
+
+    script = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from netns_farm import NetnsFarm\n"
+        f"NetnsFarm({str(tmp_path / 'f')!r}, authorized_keys={operator[1]!r}, nodes_wanted=2).start()\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    doc = json.loads((tmp_path / "f" / "farm.json").read_text())
+    try:
+        assert done.returncode == -9, done.stderr
+        assert set(doc["namespaces"]) <= namespaces() and len(doc["namespaces"]) == 3  # left behind
+        left = [int(p) for ns in doc["namespaces"] for p in subprocess.run(
+            ["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout.split()]
+        assert len([p for p in left if running(p)]) >= 2  # the two sshd listeners still run
+        cleanup = subprocess.run([sys.executable, str(Path(__file__).with_name("netns_farm.py")), "cleanup",
+                                  str(tmp_path / "f")], capture_output=True, text=True, timeout=120, check=False)
+        assert cleanup.returncode == 0, cleanup.stderr
+        assert not set(doc["namespaces"]) & namespaces()
+        assert not Path(f"/sys/class/net/{doc['prefix']}o").exists()
+        assert not any(running(p) for p in left)
+    finally:
+        teardown(doc["namespaces"], [f"{doc['prefix']}o"])
