@@ -9,11 +9,8 @@ Each VM lives in its own *node directory* holding:
 ``qemu.pid``      QEMU's own pidfile; ``monitor.sock`` its HMP monitor
 ``console.log``   serial console (appended across restarts)
 ``qemu.log``      QEMU's stderr; ``lock`` serialises power operations
-``cache-disk.raw`` the node's image cache disk (sparse raw file, ``cache_disk_mb``; 0: none)
-
-The cache disk is a virtio-blk device with serial ``rhaas-cache``; the guest's ``rc.sh``
-formats it on first use (ext2) and mounts it at the node cache directory (``/run/rhaas``),
-so images a node already holds survive kexec and power cycles, as on a node with a disk.
+``cache-disk.raw`` image cache disk: sparse, virtio-blk serial ``rhaas-cache``; the guest's rc.sh
+                  formats it once and mounts it at /run/rhaas, so images survive kexec (``cache_disk_mb``)
 
 Boot device -> image: ``pxe`` boots the standby image; anything else is a
 "disk" boot and boots :meth:`VM.disk_image`: the id in ``disk-image`` if that

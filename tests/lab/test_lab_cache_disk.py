@@ -14,9 +14,27 @@ import json
 import pytest
 from lab_helpers import node_state
 
-pytestmark = pytest.mark.lab
+
+def test_a_vm_gets_a_sparse_cache_disk_as_virtio_blk(tmp_path):
+    from rhaas.lab.vm import VM, VMConfig, mac_for
+
+    cfg = VMConfig(name="lab-01", node_dir=str(tmp_path / "n"), ssh_port=2222, mac=mac_for("lab-01"),
+                   kernel="/k", initrds={"standby": "/a"}, cache_disk_mb=64)
+    vm = VM.create(cfg)
+    disk = vm._ensure_cache_disk()
+    assert disk == vm.cache_disk and disk.stat().st_size == 64 * 1024 * 1024
+    assert disk.stat().st_blocks == 0  # sparse: nothing written yet
+    disk.write_bytes(b"kept")  # an existing disk is never replaced
+    vm._ensure_cache_disk()
+    assert disk.read_bytes() == b"kept"
+    argv = " ".join(vm.qemu_argv("standby", "n0nce"))
+    assert f"-drive file={disk},if=none,id=cache0,format=raw" in argv
+    assert "-device virtio-blk-pci,drive=cache0,serial=rhaas-cache" in argv
+    none = VM.create(VMConfig(**{**cfg.__dict__, "node_dir": str(tmp_path / "m"), "cache_disk_mb": 0}))
+    assert none._ensure_cache_disk() is None and "virtio-blk" not in " ".join(none.qemu_argv("standby", "x"))
 
 
+@pytest.mark.lab
 def kexec(stack, *args):
     from rhaas.lab.stack import run_rhaas
 
