@@ -12,6 +12,7 @@ import threading
 import uuid
 
 from rhaas import protocol
+from rhaas.core.users import hash_password
 from rhaas.errors import (
     APIError,
     AuthorizationError,
@@ -26,7 +27,6 @@ from rhaas.errors import (
     ValidationError,
 )
 from rhaas.model import new_node
-from rhaas.core.users import hash_password
 
 ADMIN_ONLY = "This operation is administrator-only."
 NO_PROJECT_ACCESS = "You do not have access to the required project."
