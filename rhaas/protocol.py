@@ -27,6 +27,7 @@ class Route:
     schema: dict = field(default_factory=dict)  # key -> (type or tuple of types, required)
     query: tuple = ()  # allowed query-string keys (GET only)
     redirectable: bool = False  # power/boot calls may answer 307 to an obmd-like endpoint
+    raw_body: bool = False  # the body is raw bytes (a blob upload), streamed, never parsed as JSON
 
     @property
     def params(self) -> list[str]:
@@ -127,6 +128,31 @@ ROUTES: list[Route] = [
     Route("user_add_project", "POST", "/auth/basic/user/<user>/add_project", {"project": (S, R)}),
     Route("user_remove_project", "POST", "/auth/basic/user/<user>/remove_project", {"project": (S, R)}),
     Route("list_active_extensions", "GET", "/active_extensions"),
+]
+
+# rhaas's own extension "rhaas.kexec" (offered in list_active_extensions by `rhaas serve`):
+# blobs are content-addressed by sha256 and uploaded once per level; a kexec is one batch
+# call answered 202 with an action id, polled like a networking action.
+KEXEC_EXTENSION = "rhaas.kexec"
+ROUTES += [
+    Route("rhaas_blob_show", "GET", "/rhaas/blob/<sha256>"),
+    Route("rhaas_blob_put", "PUT", "/rhaas/blob/<sha256>", raw_body=True),
+    Route(
+        "rhaas_kexec",
+        "POST",
+        "/rhaas/kexec",
+        {
+            "nodes": (list, R),
+            "kernel": (S, R),
+            "initrd": (S, R),
+            "append": (S, R),
+            "ssh_keys": (list, R),
+            "blob_url": (S, OPT),
+            "timeout": ((int, float), OPT),
+            "fallback": (bool, OPT),
+        },
+    ),
+    Route("rhaas_kexec_status", "GET", "/rhaas/kexec/<action_id>"),
 ]
 
 BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}

@@ -227,6 +227,64 @@ class HILClient:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)  # poll sparingly: each call costs a real HIL ~0.4 s
 
+    # -- the rhaas.kexec extension (only another `rhaas serve` offers it) --------------------------
+    def active_extensions(self) -> list[str]:
+        doc = self.call("list_active_extensions")
+        return [e for e in doc if isinstance(e, str)] if isinstance(doc, list) else []
+
+    def blob_held(self, sha256: str) -> bool:
+        try:
+            self.call("rhaas_blob_show", sha256=sha256)
+        except APIError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def blob_upload(self, sha256: str, path: str) -> int:
+        """Stream a local file as blob ``sha256`` (raw body, never read whole); returns its size."""
+        import os
+
+        route = protocol.BY_NAME["rhaas_blob_put"]
+        size = os.path.getsize(path)
+        headers = {"Accept": "application/json", "Content-Type": "application/octet-stream",
+                   "Content-Length": str(size)}
+        if self._auth:
+            headers["Authorization"] = self._auth
+        conn = self._conn(self.scheme, self.host, self.port)
+        try:
+            with open(path, "rb") as fh:
+                conn.request(route.method, self.base + route.url_path(sha256=sha256), body=fh, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamUnreachable(f"upstream {self.url}: blob upload failed: {_why(exc)}") from None
+        finally:
+            conn.close()
+        if not 200 <= resp.status < 300:
+            raise error_from_body(resp.status, data)
+        return size
+
+    def kexec_start(self, nodes: list[str], kernel: str, initrd: str, append: str, ssh_keys: list[str],
+                    timeout: float | None = None, fallback: bool = True, blob_url: str | None = None) -> str:
+        body: dict = {"nodes": list(nodes), "kernel": kernel, "initrd": initrd, "append": append,
+                      "ssh_keys": list(ssh_keys), "fallback": bool(fallback)}
+        if timeout is not None:
+            body["timeout"] = float(timeout)
+        if blob_url:
+            body["blob_url"] = blob_url
+        doc = self.call("rhaas_kexec", body)
+        action = doc.get("action_id") if isinstance(doc, dict) else None
+        if not isinstance(action, str) or not protocol.valid_name(action):
+            raise HTTPError("upstream answered a kexec without a valid action_id", status=502)
+        return action
+
+    def kexec_status(self, action_id: str) -> dict:
+        doc = self.call("rhaas_kexec_status", action_id=action_id)
+        if not isinstance(doc, dict) or doc.get("status") not in ("PENDING", "DONE", "ERROR"):
+            raise HTTPError("upstream answered a kexec status that is not one", status=502)
+        return doc
+
 
 def _why(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout) or isinstance(exc, TimeoutError):

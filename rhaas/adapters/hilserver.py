@@ -35,9 +35,11 @@ READ_ROUTES = {
     "show_networking_action",
     "list_users",
     "list_active_extensions",
+    "rhaas_blob_show",
+    "rhaas_kexec_status",
 }
 POWER_OPS = {"node_power_cycle": "cycle", "node_power_on": "on", "node_power_off": "off"}
-ACCEPTED = {"node_connect_network", "node_detach_network"}
+ACCEPTED = {"node_connect_network", "node_detach_network", "rhaas_kexec"}
 
 
 def authenticate(view, header: str | None) -> Caller:
@@ -100,6 +102,10 @@ class Handler(BaseHTTPRequestHandler):
     def _process(self):
         parts = urlsplit(self.path)
         route, args = protocol.match(self.command, parts.path)
+        if route is not None and route.raw_body:  # a blob upload: streamed, see rhaas.adapters.rawbody
+            from rhaas.adapters.rawbody import receive
+
+            return receive(self, route, args, authenticate)
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0 or length > MAX_BODY:
             raise ValidationError("Request body too large")

@@ -161,11 +161,13 @@ def image_rm(app: App, names: tuple[str, ...]):
 @click.option("--no-fallback", is_flag=True, help="Do not power cycle into PXE when kexec fails.")
 @click.option("--load-only", is_flag=True, help="Stage and load only; jump later with --exec.")
 @click.option("--exec", "do_exec", is_flag=True, help="Jump into what --load-only loaded, and verify.")
+@click.option("--via", type=click.Choice(["auto", "ssh", "upstream"]), default="auto", show_default=True,
+              help="Kexec over SSH, or through the upstream's rhaas.kexec (auto: upstream when it offers it).")
 @json_option
 @dry_run_option
 @pass_app
 def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout, connect_timeout,
-          no_fallback, load_only, do_exec, as_json, dry_run):
+          no_fallback, load_only, do_exec, via, as_json, dry_run):
     """Jump nodes into a new kernel over SSH, and verify they booted it.
 
     Per node: stage the kernel and initrd in the node's cache (/run/rhaas/<sha256>; nothing
@@ -199,7 +201,9 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
                 sys.exit(1)
             return
         with _Progress(len(names), opts.mode) as progress:
-            results = core.kexec_nodes(app.store, app.settings, names, img, opts, name, on_result=progress.update)
+            from rhaas.core.kexec.via_upstream import kexec_routed
+
+            results = kexec_routed(app.store, app.settings, names, img, opts, name, on_result=progress.update, via=via)
     except RhaasError as exc:
         raise _fail_on(exc) from None
     _render(results, as_json)

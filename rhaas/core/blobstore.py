@@ -1,0 +1,105 @@
+"""The content-addressed blob store of `rhaas serve` (kernels and initrds of the ``rhaas.kexec`` extension).
+
+A blob lives at ``RHAAS_HOME/blobs/<sha256>`` (mode 0600). It arrives by upload (an HTTP body
+streamed here) or by a fetch from a URL the caller named; either way the bytes go to a
+temporary file in the same directory while they are hashed, and only a file whose sha256 is
+the one it was announced under is renamed into place. A body is never held in memory whole,
+and an interrupted transfer leaves at most a ``.tmp-*`` file, never a wrong blob.
+
+Which projects may use a blob is the inventory's business (the ``blobs`` table, written by
+:mod:`rhaas.core.provision_service`); this module only holds bytes. Written by hand because it
+is twenty lines of hashing and renaming that no library does with these guarantees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+from rhaas.errors import ValidationError
+
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+# one blob at most this big (a kernel or an initrd); RHAAS_MAX_BLOB overrides it
+MAX_BLOB = int(os.environ.get("RHAAS_MAX_BLOB") or 4 << 30)
+
+
+def check_sha(sha: str) -> str:
+    if not isinstance(sha, str) or not SHA_RE.match(sha):
+        raise ValidationError(f"not a sha256 digest (64 lower-case hex digits): {str(sha)[:80]!r}")
+    return sha
+
+
+class BlobStore:
+    def __init__(self, home: Path | str):
+        self.dir = Path(home) / "blobs"
+
+    def path(self, sha: str) -> Path:
+        return self.dir / check_sha(sha)
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def size(self, sha: str) -> int:
+        return self.path(sha).stat().st_size
+
+    def receive(self, sha: str, stream: BinaryIO, length: int) -> int:
+        """Store ``length`` bytes read from ``stream`` as blob ``sha``; 400 if they do not hash to it.
+
+        Returns the size. For a blob already held the bytes are still read and checked (a
+        caller proves it has them), but nothing is written.
+        """
+        check_sha(sha)
+        if length < 0 or length > MAX_BLOB:
+            raise ValidationError(f"a blob may hold at most {MAX_BLOB} bytes")
+        if self.has(sha):
+            if _digest(stream, length, None) != sha:
+                raise ValidationError(f"the uploaded bytes do not match sha256 {sha}")
+            return length
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "xb") as out:
+                os.chmod(tmp, 0o600)
+                digest = _digest(stream, length, out)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest != sha:
+                raise ValidationError(f"the uploaded bytes do not match sha256 {sha}")
+            os.replace(tmp, self.dir / sha)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return length
+
+    def fetch(self, sha: str, url: str, timeout: float = 60.0) -> int:
+        """Fetch blob ``sha`` from ``url`` (http or https), verified by hash like an upload."""
+        import urllib.request
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValidationError(f"blob URL must be http(s)://HOST/...: {url[:200]!r}")
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # the scheme is checked above
+            length = int(resp.headers.get("Content-Length") or -1)
+            if length < 0:
+                raise ValidationError(f"{url}: no Content-Length")
+            return self.receive(sha, resp, length)
+
+
+def _digest(stream: BinaryIO, length: int, out: BinaryIO | None) -> str:
+    """Read exactly ``length`` bytes in chunks, copying them to ``out``; their sha256."""
+    h = hashlib.sha256()
+    left = length
+    while left:
+        chunk = stream.read(min(CHUNK, left))
+        if not chunk:
+            raise ValidationError(f"the body ended after {length - left} of {length} bytes")
+        h.update(chunk)
+        if out is not None:
+            out.write(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
