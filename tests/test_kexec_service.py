@@ -1,0 +1,199 @@
+"""The ``rhaas.kexec`` extension of `rhaas serve`, on the simulated farm (real SSH, real serve processes).
+
+Three levels as separate processes: the root has the farm nodes registered (and the SSH
+access), the middle leases them from the root and serves, the top leases from the middle and
+runs ``rhaas kexec``; the kexec passes down to the root, which does it once per node with the
+top's keys and its own in the overlay. Then the isolation and input checks of every route.
+"""
+
+# ruff: noqa: F811  (fixtures imported from the fixture modules come back as parameters)
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from farm_fixtures import client_key, install_client_key, sim_farm  # noqa: F401
+from worlds import make_root, rhaas, wait_for, within
+
+from rhaas.adapters.hil import HILClient
+from rhaas.core.overlay import overlay_files
+from rhaas.errors import APIError
+from rhaas.model import new_node
+from rhaas.sim.farm import launch
+from rhaas.store import Store
+
+N = 50
+OTHER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherTenantOtherTenantOtherTenantOther0 eve@elsewhere"
+ALICE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAliceAtTheRootAliceAtTheRootAliceAtTheR0 alice@root"
+
+
+@pytest.fixture(scope="module")
+def _farm_process(tmp_path_factory, client_key):
+    """This module's own farm: enough nodes for a 50-node lease and the isolation test."""
+    d = tmp_path_factory.mktemp("farm")
+    keys = d / "authorized_keys"
+    keys.write_text(client_key[1] + "\n")
+    farm = launch(d / "farm", N + 4, keys, down_time=0.3, log_commands=True, timeout=60)
+    yield farm
+    farm.stop()
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    from rhaas.core.overlay import S_IFDIR, S_IFREG, CpioEntry, write_newc
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(os.urandom(48 * 1024))
+    initrd = tmp_path / "initrd.gz"
+    initrd.write_bytes(gzip.compress(write_newc([CpioEntry("etc", S_IFDIR | 0o755),
+                                                 CpioEntry("etc/rhaas-image", S_IFREG | 0o644, b"svc\n")]), mtime=0))
+    return kernel, initrd
+
+
+def farm_nodes(farm, names, **fields):
+    return [new_node(n, "registered", ssh=farm.node(n)["ssh"], ssh_host_key=farm.node(n)["host_key"], **fields)
+            for n in names]
+
+
+def set_user_keys(home, user, keys):
+    store = Store(home)
+    with store.transaction("test") as tx:
+        tx.put("users", dict(tx.get("users", user), ssh_keys=list(keys)))
+
+
+def authorized_keys_booted(farm, name: str, since: int) -> list[str]:
+    """The authorized_keys of the initrd the node's one kexec -l (after command ``since``) loaded."""
+    loads = [c for n, c in farm.commands()[since:] if n == name and "kexec -l" in c]
+    assert len(loads) == 1, loads
+    path = re.search(r"--initrd=(/run/rhaas/[0-9a-f]{64})", loads[0]).group(1)
+    blob = (Path(farm.node(name)["root"]) / path.lstrip("/")).read_bytes()
+    return overlay_files(blob)["/root/.ssh/authorized_keys"].decode().split("\n")[:-1]
+
+
+def test_kexec_at_the_top_passes_down_to_the_level_with_ssh(tmp_path, start_serve, sim_farm, client_key,
+                                                             image_files):
+    root, mid, top = tmp_path / "root", tmp_path / "mid", tmp_path / "top"
+    names = sim_farm.names[:N]
+    make_root(root, nodes=farm_nodes(sim_farm, names),
+              users=(("admin", "a", True, ()), ("alice", "pw1", False, ("p1",)), ("eve", "pwe", False, ("px",))),
+              projects=("p1", "px"))
+    install_client_key(root, client_key)  # the root holds the farm's SSH access
+    set_user_keys(root, "alice", [ALICE_KEY])
+    set_user_keys(root, "eve", [OTHER_KEY])
+    s0 = start_serve(root)
+    e1, e2 = {"RHAAS_UPSTREAM_PASSWORD": "pw1"}, {"RHAAS_UPSTREAM_PASSWORD": "pw2"}
+    rhaas(mid, "init", "--upstream", s0.url, "--project", "p1", "--user", "alice", env=e1, check=True)
+    rhaas(mid, "lease", str(N), env=e1, check=True, timeout=300)
+    rhaas(mid, "project", "add", "p2", check=True)
+    rhaas(mid, "user", "add", "bob", "--project", "p2", "--password-stdin", input="pw2\n", check=True)
+    s1 = start_serve(mid)
+    rhaas(top, "init", "--upstream", s1.url, "--project", "p2", "--user", "bob", env=e2, check=True)
+    rhaas(top, "lease", str(N), env=e2, check=True, timeout=300)
+    top_names = sorted(json.loads(rhaas(top, "list", "--json").stdout), key=lambda d: d["name"])
+    assert len(top_names) == N
+    rhaas(top, "image", "add", "svc", "--kernel", image_files[0], "--initrd", image_files[1],
+          "--append", "console=ttyS0 quiet", check=True)
+
+    before = sim_farm.states(names)
+    mark = len(sim_farm.commands())
+    proc = rhaas(top, "kexec", *[d["name"] for d in top_names], "--image", "svc", "--json", env=e2, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = {r["node"]: r for r in json.loads(proc.stdout)}
+    assert len(out) == N and all(r["outcome"] == "ok" for r in out.values()), proc.stdout[:2000]
+
+    # it went down the levels: the top and the middle never ran a command on a node
+    top_key = (top / "id_ed25519.pub").read_text().strip()
+    assert top_key != client_key[1].strip()
+    after = sim_farm.states(names)
+    top_store = Store(top).snapshot()
+    for d in top_names:
+        farm_name = top_store.node(d["name"])["upstream_name"]
+        farm_name = Store(mid).snapshot().node(farm_name).get("upstream_name") or farm_name
+        r, state = out[d["name"]], after[farm_name]
+        # exactly one kexec per node, counted by the farm
+        assert state["boots"] == before[farm_name]["boots"] + 1, farm_name
+        fires = [c for n, c in sim_farm.commands()[mark:] if n == farm_name and "kexec -e" in c]
+        assert len(fires) == 1, (farm_name, fires)
+        # verified by boot id and nonce, and recorded at the top
+        assert r["boot_id"] == state["boot_id"] != before[farm_name]["boot_id"]
+        assert f"rhaas.nonce={r['nonce']}" in state["cmdline"].split()
+        assert "quiet" in state["cmdline"].split()
+        doc = top_store.node(d["name"])
+        assert doc["status"] == "ready" and doc["boot_id"] == state["boot_id"] and doc["image"] == "svc"
+        # the top tenant's key and the serving level's key, nobody else's
+        keys = authorized_keys_booted(sim_farm, farm_name, mark)
+        assert sorted(keys) == sorted([top_key, client_key[1].strip()]), keys
+        assert OTHER_KEY not in keys and ALICE_KEY not in keys
+
+
+def test_kexec_routes_isolate_projects_and_refuse_bad_input(tmp_path, start_serve, sim_farm, client_key,
+                                                            image_files):
+    root = tmp_path / "root"
+    mine, theirs = sim_farm.names[N], sim_farm.names[N + 1]
+    make_root(root, nodes=farm_nodes(sim_farm, [mine], project="p1") + farm_nodes(sim_farm, [theirs], project="p2"),
+              users=(("admin", "a", True, ()), ("alice", "pw1", False, ("p1",)), ("eve", "pw2", False, ("p2",))),
+              projects=("p1", "p2"))
+    install_client_key(root, client_key)
+    served = start_serve(root)
+    alice = HILClient(served.url, "alice", "pw1", timeout=30)
+    eve = HILClient(served.url, "eve", "pw2", timeout=30)
+    kernel, initrd = (str(p) for p in image_files)
+    ksha, isha = (hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (kernel, initrd))
+    assert "rhaas.kexec" in alice.active_extensions()
+
+    # blobs: bytes that do not hash to the announced sha256 are refused, and nothing is kept
+    with pytest.raises(APIError) as bad:
+        alice.blob_upload(isha, kernel)
+    assert bad.value.status == 400
+    assert not alice.blob_held(isha) and not (root / "blobs" / isha).exists()
+    assert alice.blob_upload(ksha, kernel) == os.path.getsize(kernel)
+    alice.blob_upload(isha, initrd)
+    assert alice.blob_held(ksha) and alice.blob_held(isha)
+    assert not eve.blob_held(ksha)  # another project's blob does not exist for eve
+
+    key = client_key[1].strip()
+    boots = sim_farm.state(mine)["boots"]
+    refused = [
+        # a kernel argument carrying a newline (or another control character)
+        (alice, {"nodes": [mine], "append": "console=ttyS0\ninit=/bin/sh"}, 400),
+        (alice, {"nodes": [mine], "append": "quiet\x1b[2J"}, 400),
+        # an SSH key that would add a second line to authorized_keys
+        (alice, {"nodes": [mine], "ssh_keys": [key + "\nssh-ed25519 AAAA evil"]}, 400),
+        # an unknown blob: refused before any node is touched
+        (alice, {"nodes": [mine], "kernel": "0" * 64}, 409),
+        # nodes the caller does not hold, held by another project or by none
+        (alice, {"nodes": [theirs]}, 404),
+        (eve, {"nodes": [mine]}, 404),
+        (alice, {"nodes": ["no-such-node"]}, 404),
+    ]
+    for client, override, status in refused:
+        args = {"nodes": [mine], "kernel": ksha, "initrd": isha, "append": "console=ttyS0", "ssh_keys": [key]}
+        args.update(override)
+        with pytest.raises(APIError) as err:
+            client.kexec_start(args["nodes"], args["kernel"], args["initrd"], args["append"], args["ssh_keys"])
+        assert err.value.status == status, (override, err.value)
+    assert sim_farm.state(mine)["boots"] == boots  # nothing reached the node
+
+    # alice's own kexec runs in the background; only her project can read the action
+    action = within(30, alice.kexec_start, [mine], ksha, isha, "console=ttyS0", [key], timeout=60)
+    for c in (eve,):
+        with pytest.raises(APIError) as err:
+            c.kexec_status(action)
+        assert err.value.status in (403, 404)
+    wait_for(lambda: alice.kexec_status(action)["status"] != "PENDING", timeout=120, interval=0.2,
+             what="the kexec action to finish")
+    doc = alice.kexec_status(action)
+    assert doc["status"] == "DONE", doc
+    state = sim_farm.state(mine)
+    assert doc["nodes"][mine]["boot_id"] == state["boot_id"] and state["boots"] == boots + 1
+    assert f"rhaas.nonce={doc['nodes'][mine]['nonce']}" in state["cmdline"].split()
+    with pytest.raises(APIError) as err:
+        eve.kexec_status(action)
+    assert err.value.status in (403, 404)
+    # the record outlives the run in the store, readable by its project only
+    assert Store(root).snapshot().data["kexec_actions"]
