@@ -9,7 +9,7 @@ with an action id; the work runs on this service's own threads, never inside the
 and never under the store's lock. Per node:
 
 * a node this instance registered (it holds the SSH access) goes through the ordinary kexec
-  pipeline in a child process (:mod:`rhaas.core.provision_worker`), with the caller's keys
+  pipeline in a child of a preloaded fork server (:mod:`rhaas.core.provision_worker`), with the caller's keys
   plus this instance's own key in the overlay;
 * a node this instance leased from an upstream that offers ``rhaas.kexec`` is passed down:
   the blobs are uploaded there if missing, one batch is posted with the upstream's node
@@ -25,11 +25,7 @@ action can read it; to anyone else it does not exist.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -74,6 +70,7 @@ class ProvisionService:
         self._offers: tuple[float, bool] | None = None
         self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rhaas-kexec")
         self._close_stale()
+        self._pool.submit(_warm_up)
 
     # -- records ----------------------------------------------------------------------------------
     def _close_stale(self) -> None:
@@ -294,6 +291,7 @@ class ProvisionService:
             _record(self.store, results, action["by"], "full")
 
     def _run_here(self, action: dict, names: list[str], job: dict) -> None:
+        from rhaas.core import provision_worker
         from rhaas.core.kexec.via_upstream import batch_budget
 
         files = {}
@@ -301,39 +299,53 @@ class ProvisionService:
             p = self.blobs.path(job[what])
             st = p.stat()
             files[what] = {"path": str(p), "size": st.st_size, "sha256": job[what], "mtime_ns": st.st_mtime_ns}
-        payload = json.dumps({"nodes": names, "image": _image_name(job), "append": job["append"],
-                              "ssh_keys": job["ssh_keys"], "timeout": job["timeout"], "fallback": job["fallback"],
-                              "actor": action["by"], **files})
-        env = {**os.environ, "RHAAS_HOME": str(self.store.home)}
+        spec = {"nodes": names, "image": _image_name(job), "append": job["append"], "ssh_keys": job["ssh_keys"],
+                "timeout": job["timeout"], "fallback": job["fallback"], "actor": action["by"], **files}
         timeout = float(job["timeout"] or self.settings.get("timeout") or 120.0)
         budget = batch_budget(len(names), timeout, max(30.0, 3 * float(self.settings.get("connect-timeout") or 10)))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rhaas.core.provision_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )
-        timer = threading.Timer(budget, proc.kill)  # our own child, by its Popen handle (its PID)
-        timer.daemon = True
-        timer.start()
+        ctx = provision_worker.context()
+        recv, send = ctx.Pipe(duplex=False)
+        # not a daemon: the batch forks its own worker processes
+        child = ctx.Process(target=provision_worker.run_job, args=(spec, str(self.store.home), send), daemon=False)
+        child.start()
+        send.close()
+        deadline = time.monotonic() + budget
         error = None
         try:
-            proc.stdin.write(payload)
-            proc.stdin.close()
-            for line in proc.stdout:
-                try:
-                    r = json.loads(line)
-                except ValueError:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    error = f"no result within {budget:g} s"
+                    break
+                if not recv.poll(min(left, 5.0)):
+                    if not child.is_alive() and not recv.poll(0):
+                        error = f"kexec worker exited with status {child.exitcode}"
+                        break
                     continue
+                try:
+                    r = recv.recv()
+                except EOFError:
+                    error = f"kexec worker exited with status {child.exitcode}"
+                    break
+                if r is None:
+                    break
                 if isinstance(r, dict) and "error" in r:
                     error = str(r["error"])
                 elif isinstance(r, dict) and r.get("node") in action["nodes"]:
                     self._node_done(action, r["node"], r)
         finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-            code = proc.wait()
-        if error or code:
-            self._fail_pending(action, names, error or f"kexec worker exited with status {code}")
+            recv.close()
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()  # our own child, by its handle (its PID)
+                child.join()
+        if error:
+            self._fail_pending(action, names, error)
+
+def _warm_up() -> None:
+    from rhaas.core import provision_worker
+
+    provision_worker.warm_up()
 
 
 def _image_name(job: dict) -> str:

@@ -605,6 +605,7 @@ class Service:
 
     def list_active_extensions(self, caller, view):
         # any authenticated user: a tenant asks it to know whether rhaas.kexec is here
+        self.provision  # noqa: B018 - a tenant that asks is about to use it: start its workers now
         return sorted(["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power", protocol.KEXEC_EXTENSION])
 
     # -- the rhaas.kexec extension: rhaas.core.provision_service decides ----------------------------------

@@ -26,7 +26,7 @@ from rhaas.errors import APIError, RhaasError, UpstreamUnreachable, UsageError
 from rhaas.protocol import KEXEC_EXTENSION
 
 VIAS = ("auto", "ssh", "upstream")
-POLL_FIRST, POLL_MAX = 0.2, 0.5
+POLL_FIRST, POLL_MAX = 0.1, 0.25
 
 
 def upstream_offers_kexec(client) -> bool:
