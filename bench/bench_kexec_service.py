@@ -118,6 +118,7 @@ def main() -> int:
                 if ok < n:
                     reasons = sorted({str(r.get("reason")) for r in results if r.get("outcome") != "ok"})
                     print(f"# {label} failures: {reasons[:5]} {err[-300:]}", flush=True)
+            print(f"# round: ssh {runs['ssh'][-1][0]:.2f}s, service {runs['service'][-1][0]:.2f}s", flush=True)
         walls = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
         for label in ("ssh", "service"):
             print(f"kexec_service.{label}_{n}_wall_s {walls[label]:.2f}", flush=True)

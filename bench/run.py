@@ -307,6 +307,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     run_section("bench_kexec.py")
+    run_section("bench_kexec_service.py")
     run_section("bench_lab.py")
 
 
