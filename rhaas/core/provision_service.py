@@ -165,16 +165,17 @@ class ProvisionService:
                 raise NotFoundError(NOT_HELD.format(n))
             if project:
                 projects.add(project)
-        for sha in (kernel, initrd):
-            if not self._holds(caller, view, sha) and blob_url is None:
-                raise IllegalStateError(f"blob {sha} is not held here: upload it first (PUT /v0/rhaas/blob/{sha})")
+        # a blob this caller's project does not hold is fetched (and so proven) even if another holds it
+        fetch = [sha for sha in dict.fromkeys((kernel, initrd)) if not self._holds(caller, view, sha)]
+        if fetch and blob_url is None:
+            raise IllegalStateError(f"blob {fetch[0]} is not held here: upload it first (PUT /v0/rhaas/blob/{fetch[0]})")
         action_id = str(uuid.uuid4())
         action = {
             "name": action_id, "projects": sorted(projects), "by": caller.name, "created": time.time(),
             "finished": None, "status": "PENDING", "nodes": {n: {"status": "PENDING"} for n in nodes},
         }
         job = {"kernel": kernel, "initrd": initrd, "append": append, "ssh_keys": list(ssh_keys),
-               "blob_url": blob_url, "timeout": timeout, "fallback": fallback, "projects": caller.projects}
+               "blob_url": blob_url, "fetch": fetch, "timeout": timeout, "fallback": fallback, "projects": caller.projects}
         with self._lock:
             busy = self._busy & set(nodes)
             if busy:
@@ -218,10 +219,9 @@ class ProvisionService:
     def _run(self, action: dict, job: dict) -> None:
         names = list(action["nodes"])
         try:
-            for sha in (job["kernel"], job["initrd"]):
-                if not self.blobs.has(sha):
-                    self.blobs.fetch(sha, job["blob_url"].rstrip("/") + "/" + sha)
-                    self._grant(sha, job["projects"], action["by"])
+            for sha in job["fetch"]:
+                self.blobs.fetch(sha, job["blob_url"].rstrip("/") + "/" + sha)
+                self._grant(sha, job["projects"], action["by"])
             view = self.store.snapshot()
             down, local = [], []
             for n in names:
