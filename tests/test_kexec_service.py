@@ -200,3 +200,70 @@ def test_kexec_routes_isolate_projects_and_refuse_bad_input(tmp_path, start_serv
     assert err.value.status in (403, 404)
     # the record outlives the run in the store, readable by its project only
     assert Store(root).snapshot().data["kexec_actions"]
+
+
+@pytest.fixture
+def blob_site(tmp_path):
+    """A plain HTTP file server on loopback (the standard library's), serving ``tmp_path/site``."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield site, f"http://127.0.0.1:{server.server_address[1]}/blobs"
+    server.shutdown()
+    server.server_close()
+
+
+def test_blobs_fetched_from_a_url_are_verified_per_project(tmp_path, start_serve, sim_farm, client_key,
+                                                           image_files, blob_site):
+    import http.client
+
+    root = tmp_path / "root"
+    mine, theirs = sim_farm.names[N + 2], sim_farm.names[N + 3]
+    make_root(root, nodes=farm_nodes(sim_farm, [mine], project="p1") + farm_nodes(sim_farm, [theirs], project="p2"),
+              users=(("admin", "a", True, ()), ("alice", "pw1", False, ("p1",)), ("eve", "pw2", False, ("p2",))),
+              projects=("p1", "p2"))
+    install_client_key(root, client_key)
+    served = start_serve(root)
+    alice = HILClient(served.url, "alice", "pw1", timeout=30)
+    eve = HILClient(served.url, "eve", "pw2", timeout=30)
+    site, url = blob_site
+    (site / "blobs").mkdir()
+    shas = []
+    for p in image_files:
+        sha = hashlib.sha256(p.read_bytes()).hexdigest()
+        (site / "blobs" / sha).write_bytes(p.read_bytes())
+        shas.append(sha)
+    key = client_key[1].strip()
+
+    # fetched by the serving instance, verified, then used
+    action = alice.kexec_start([mine], shas[0], shas[1], "console=ttyS0", [key], timeout=60, blob_url=url)
+    wait_for(lambda: alice.kexec_status(action)["status"] != "PENDING", timeout=120, interval=0.2,
+             what="the kexec action to finish")
+    assert alice.kexec_status(action)["status"] == "DONE"
+    assert alice.blob_held(shas[0]) and not eve.blob_held(shas[0])
+
+    # eve names alice's blobs with a URL that serves other bytes: the fetch is checked, her node untouched
+    for sha in shas:
+        (site / "blobs" / sha).write_bytes(b"not the kernel")
+    boots = sim_farm.state(theirs)["boots"]
+    action = eve.kexec_start([theirs], shas[0], shas[1], "console=ttyS0", [key], timeout=60, blob_url=url)
+    wait_for(lambda: eve.kexec_status(action)["status"] != "PENDING", timeout=60, interval=0.2,
+             what="the kexec action to finish")
+    doc = eve.kexec_status(action)
+    assert doc["status"] == "ERROR" and "do not match" in doc["nodes"][theirs]["reason"], doc
+    assert sim_farm.state(theirs)["boots"] == boots and not eve.blob_held(shas[0])
+
+    # an upload without credentials is refused before its body is read
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+    conn.request("PUT", f"/v0/rhaas/blob/{shas[0]}", body=b"x" * 10, headers={"Content-Length": "10"})
+    resp = conn.getresponse()
+    assert resp.status == 401 and json.loads(resp.read())["type"] == "AuthorizationError"
+    conn.close()

@@ -176,6 +176,10 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
     with a new boot id and the nonce in /proc/cmdline. A node that fails is set to boot
     from PXE and power cycled through its BMC or upstream (unless --no-fallback).
 
+    Nodes leased from another `rhaas serve` that offers rhaas.kexec are kexec'd by the level
+    that holds their SSH access: the image is uploaded there once and the upstream does the
+    above (--via ssh|upstream forces a path; auto takes the upstream when it offers it).
+
     NODE is a name, a node set such as node-[01-16], or '-' to read names from stdin.
 
     \b

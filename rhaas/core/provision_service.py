@@ -24,7 +24,6 @@ action can read it; to anyone else it does not exist.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import re
 import threading
 import time
@@ -68,9 +67,10 @@ class ProvisionService:
         self._actions: dict[str, dict] = {}
         self._busy: set[str] = set()
         self._offers: tuple[float, bool] | None = None
-        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rhaas-kexec")
+        # daemon threads: stopping serve does not wait for a batch (its child records the results)
+        self._slots = threading.BoundedSemaphore(workers)
         self._close_stale()
-        self._pool.submit(_warm_up)
+        threading.Thread(target=_warm_up, name="rhaas-kexec-warm-up", daemon=True).start()
 
     # -- records ----------------------------------------------------------------------------------
     def _close_stale(self) -> None:
@@ -184,7 +184,8 @@ class ProvisionService:
             self._actions[action_id] = action
         try:
             self._save(action)
-            self._pool.submit(self._run, action, job)
+            threading.Thread(target=self._slot_run, args=(action, job), name=f"rhaas-kexec-{action_id[:8]}",
+                             daemon=True).start()
         except BaseException:
             with self._lock:
                 self._busy -= set(nodes)
@@ -215,6 +216,10 @@ class ProvisionService:
         with self._lock:
             if action["nodes"].get(name, {}).get("status") == "PENDING":
                 action["nodes"][name] = entry
+
+    def _slot_run(self, action: dict, job: dict) -> None:
+        with self._slots:  # at most `workers` batches at once; the others wait their turn
+            self._run(action, job)
 
     def _run(self, action: dict, job: dict) -> None:
         names = list(action["nodes"])
