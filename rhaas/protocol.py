@@ -3,7 +3,8 @@
 Each route names one API call: its HTTP method, its path template under ``/v0`` and the
 exact argument schema of its JSON body (or query string for GETs). The client builds
 requests from these declarations and the server validates and dispatches with them, so the
-two sides cannot drift.
+two sides cannot drift. rhaas's own extension (``rhaas.kexec``) is declared the same way,
+under ``/v0/rhaas/``; its blob upload is the one route with a raw body (``raw_body``).
 """
 
 from __future__ import annotations

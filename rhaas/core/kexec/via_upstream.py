@@ -178,7 +178,10 @@ def choose_path(store, settings: dict, docs: list[dict], opts: KexecOptions, via
         return "upstream"
     if opts.mode != "full" or not leased or not is_derived(store.snapshot()):
         return "ssh"
-    return "upstream" if upstream_offers_kexec(upstream_client(store)) else "ssh"
+    try:
+        return "upstream" if upstream_offers_kexec(upstream_client(store)) else "ssh"
+    except UpstreamUnreachable:
+        return "ssh"  # the nodes may still answer over SSH, as before the extension existed
 
 
 def kexec_routed(
