@@ -65,7 +65,8 @@ def test_fallback_at_level_two_reaches_the_root_bmc(tmp_path, start_serve, sim_f
     sim_farm.set_faults({name: {"load_fails": True, "power_file": str(bmc.power_file)}})
     before = sim_farm.state(name)["boot_id"]
     bmc.clear_calls()
-    proc = rhaas(d2, "kexec", name, "--image", "b", "--timeout", "30", "--json", env=e2, timeout=120)
+    # over SSH from level two (the root here holds no SSH access: its key is not the farm's)
+    proc = rhaas(d2, "kexec", name, "--image", "b", "--timeout", "30", "--json", "--via", "ssh", env=e2, timeout=120)
     out = json.loads(proc.stdout)[0]
     assert proc.returncode == 1 and out["outcome"] == "fallback", proc.stderr
     assert "kexec -l failed" in out["reason"]

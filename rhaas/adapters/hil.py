@@ -196,11 +196,11 @@ class HILClient:
             self._local.conn = None
 
     def _send(self, conn, method: str, path: str, body: bytes | None, auth: bool, deadline: float,
-              cap: int, what: str):
+              cap: int, what: str, content_type: str = "application/json"):
         conn.deadline = deadline
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         if auth and self._auth:
             headers["Authorization"] = self._auth
         conn.request(method, path, body=body, headers=headers)
@@ -228,11 +228,12 @@ class HILClient:
             raise http.client.IncompleteRead(bytes(buf), resp.length)
         return bytes(buf)
 
-    def _request(self, method: str, path: str, body: bytes | None, deadline: float, cap: int, what: str):
+    def _request(self, method: str, path: str, body: bytes | None, deadline: float, cap: int, what: str,
+                 content_type: str = "application/json"):
         for attempt in (1, 2):
             conn = self._pooled()
             try:
-                return self._send(conn, method, self.base + path, body, True, deadline, cap, what)
+                return self._send(conn, method, self.base + path, body, True, deadline, cap, what, content_type)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # a kept-alive connection the server closed: retry once on a fresh one
                 self._drop(conn)
@@ -406,6 +407,69 @@ class HILClient:
                 return "PENDING"
             time.sleep(delay)
             delay = min(delay * 2, 2.0)  # poll sparingly: each call costs a real HIL ~0.4 s
+
+    # -- the rhaas.kexec extension (only another `rhaas serve` offers it) --------------------------
+    def active_extensions(self) -> list[str]:
+        doc = self.call("list_active_extensions")
+        return [e for e in doc if isinstance(e, str)] if isinstance(doc, list) else []
+
+    def blob_held(self, sha256: str) -> bool:
+        try:
+            self.call("rhaas_blob_show", sha256=sha256)
+        except APIError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def blob_upload(self, sha256: str, path: str) -> int:
+        """Upload a local file as blob ``sha256``, part by part (protocol.BLOB_PART bytes each,
+        every part one call within the call deadline), then commit it; returns its size."""
+        import os
+
+        size = os.path.getsize(path)
+        offset = 0
+        with open(path, "rb") as fh:
+            while offset < size:
+                part = fh.read(protocol.BLOB_PART)
+                if not part:
+                    raise UsageError(f"{path} shrank while it was being uploaded")
+                self.call_raw("rhaas_blob_part", part, sha256=sha256, offset=str(offset))
+                offset += len(part)
+        self.call("rhaas_blob_commit", {"size": size}, sha256=sha256)
+        return size
+
+    def call_raw(self, name: str, data: bytes, **path_args):
+        """One call of a ``raw_body`` route: ``data`` as an octet-stream body, one deadline."""
+        route = protocol.BY_NAME[name]
+        path = route.url_path(**path_args)
+        deadline = time.monotonic() + self.timeout
+        what = f"{route.method} {path}"
+        status, _, answer = self._request(route.method, path, data, deadline, self.max_doc_bytes, what,
+                                          content_type="application/octet-stream")
+        if not 200 <= status < 300:
+            raise error_from_body(status, answer)
+        return json.loads(answer) if answer.strip() else None
+
+    def kexec_start(self, nodes: list[str], kernel: str, initrd: str, append: str, ssh_keys: list[str],
+                    timeout: float | None = None, fallback: bool = True, blob_url: str | None = None) -> str:
+        body: dict = {"nodes": list(nodes), "kernel": kernel, "initrd": initrd, "append": append,
+                      "ssh_keys": list(ssh_keys), "fallback": bool(fallback)}
+        if timeout is not None:
+            body["timeout"] = float(timeout)
+        if blob_url:
+            body["blob_url"] = blob_url
+        doc = self.call("rhaas_kexec", body)
+        action = doc.get("action_id") if isinstance(doc, dict) else None
+        if not isinstance(action, str) or not protocol.valid_name(action):
+            raise HTTPError("upstream answered a kexec without a valid action_id", status=502)
+        return action
+
+    def kexec_status(self, action_id: str) -> dict:
+        doc = self.call("rhaas_kexec_status", action_id=action_id)
+        if not isinstance(doc, dict) or doc.get("status") not in ("PENDING", "DONE", "ERROR"):
+            raise HTTPError("upstream answered a kexec status that is not one", status=502)
+        return doc
 
 
 def _why(exc: BaseException) -> str:

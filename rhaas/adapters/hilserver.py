@@ -76,9 +76,11 @@ READ_ROUTES = {
     "show_networking_action",
     "list_users",
     "list_active_extensions",
+    "rhaas_blob_show",
+    "rhaas_kexec_status",
 }
 POWER_OPS = {"node_power_cycle": "cycle", "node_power_on": "on", "node_power_off": "off"}
-ACCEPTED = {"node_connect_network", "node_detach_network"}
+ACCEPTED = {"node_connect_network", "node_detach_network", "rhaas_kexec"}
 
 
 class Throttled(AuthorizationError):
@@ -194,6 +196,10 @@ class HILApp:
         if "://" in path:  # an absolute-form request target
             path = "/" + path.split("://", 1)[1].partition("/")[2]
         route, args = protocol.match(method, path)
+        if route is not None and route.raw_body:  # a blob upload: streamed, see rhaas.adapters.rawbody
+            from rhaas.adapters.rawbody import receive
+
+            return receive(environ, route, args, self)
         raw = environ["wsgi.input"].read(self.max_body + 1)
         if len(raw) > self.max_body:
             raise ValidationError("Request body too large", status=413)
@@ -259,7 +265,9 @@ class HILServer:
             connection_limit=connection_limit,
             channel_timeout=idle_timeout,
             cleanup_interval=max(1, min(30, idle_timeout // 2)),
-            max_request_body_size=max_body,
+            # a blob part may be larger than a JSON call; HILApp holds JSON bodies to max_body.
+            # waitress refuses a body that reaches its limit, so the limit is one byte above.
+            max_request_body_size=max(max_body, protocol.BLOB_PART) + 1,
             max_request_header_size=64 * 1024,
             asyncore_use_poll=True,
             log_socket_errors=False,

@@ -167,11 +167,13 @@ def image_rm(app: App, names: tuple[str, ...]):
               help="Write the names of the nodes that verified (or loaded), one a line.")
 @click.option("--failed-file", type=click.Path(dir_okay=False, writable=True), default=None, metavar="PATH",
               help="Write the names of the other nodes, one a line: the input of a retry.")
+@click.option("--via", type=click.Choice(["auto", "ssh", "upstream"]), default="auto", show_default=True,
+              help="Kexec over SSH, or through the upstream's rhaas.kexec (auto: upstream when it offers it).")
 @json_option
 @dry_run_option
 @pass_app
 def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout, connect_timeout,
-          no_fallback, load_only, do_exec, retries, ok_file, failed_file, as_json, dry_run):
+          no_fallback, load_only, do_exec, retries, ok_file, failed_file, via, as_json, dry_run):
     """Jump nodes into a new kernel over SSH, and verify they booted it.
 
     Per node: stage the kernel and initrd in the node's cache (/run/rhaas/<sha256>; nothing
@@ -181,6 +183,10 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
     from PXE and power cycled through its BMC or upstream (unless --no-fallback), at most
     'fallback-window' nodes at a time (setting). --retries N kexecs a failed node again
     first. A node whose metadata has rhaas.kexec=no goes straight to the power path.
+
+    Nodes leased from another `rhaas serve` that offers rhaas.kexec are kexec'd by the level
+    that holds their SSH access: the image is uploaded there once and the upstream does the
+    above (--via ssh|upstream forces a path; auto takes the upstream when it offers it).
 
     NODE is a name, a node set such as node-[01-16], or '-' to read names from stdin.
 
@@ -210,7 +216,9 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
                 sys.exit(1)
             return
         with _Progress(len(names), opts.mode) as progress:
-            results = core.kexec_nodes(app.store, app.settings, names, img, opts, name, on_result=progress.update)
+            from rhaas.core.kexec.via_upstream import kexec_routed
+
+            results = kexec_routed(app.store, app.settings, names, img, opts, name, on_result=progress.update, via=via)
     except RhaasError as exc:
         raise _fail_on(exc) from None
     _render(results, as_json)

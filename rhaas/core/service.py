@@ -605,5 +605,34 @@ class Service:
             tx.put("users", dict(doc, projects=[p for p in doc["projects"] if p != project]))
 
     def list_active_extensions(self, caller, view):
-        caller.require_admin()
-        return ["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power"]
+        # any authenticated user: a tenant asks it to know whether rhaas.kexec is here
+        self.provision  # noqa: B018 - a tenant that asks is about to use it: start its workers now
+        return sorted(["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power", protocol.KEXEC_EXTENSION])
+
+    # -- the rhaas.kexec extension: rhaas.core.provision_service decides ----------------------------------
+    _provision = None
+    _provision_lock = threading.Lock()
+
+    @property
+    def provision(self):
+        with self._provision_lock:
+            if self._provision is None:
+                from rhaas.core.provision_service import ProvisionService
+
+                self._provision = ProvisionService(self.store, self.settings, self.upstream)
+            return self._provision
+
+    def rhaas_blob_show(self, caller, view, sha256):
+        return self.provision.blob_show(caller, view, sha256)
+
+    def rhaas_blob_part(self, caller, sha256, offset, stream, length):
+        return self.provision.blob_part(caller, sha256, offset, stream, length)
+
+    def rhaas_blob_commit(self, caller, sha256, size):
+        return self.provision.blob_commit(caller, sha256, size)
+
+    def rhaas_kexec(self, caller, **body):
+        return self.provision.kexec(caller, **body)
+
+    def rhaas_kexec_status(self, caller, view, action_id):
+        return self.provision.kexec_status(caller, view, action_id)

@@ -52,6 +52,7 @@ def kexec_nodes(
     image_name: str | None = None,
     on_result: Callable[[KexecResult], None] | None = None,
     actor: str | None = None,
+    tenant_keys: list[str] | None = None,
 ) -> list[KexecResult]:
     """Provision ``names`` with ``image`` (None for ``exec`` mode); results in input order.
 
@@ -104,7 +105,8 @@ def kexec_nodes(
             continue
         nonce = new_nonce()
         try:
-            overlay = node_overlay(doc, public)
+            # tenant_keys: the overlay keys a `rhaas serve` caller asked for, instead of the node's
+            overlay = node_overlay(doc if tenant_keys is None else {**doc, "tenant_ssh_keys": tenant_keys}, public)
         except (RhaasError, ValueError) as exc:
             early[name] = KexecResult(name, "failed", image_name, None, doc.get("boot_id"), str(exc))
             continue
