@@ -13,29 +13,51 @@ from rhaas.errors import UsageError
 from rhaas.model import public_node
 
 
+def _drop_expired(app: App) -> None:
+    """Leases from the upstream that have ended are gone: drop them first, one line each."""
+    from rhaas.core.batch_lease import drop_expired
+
+    for name in drop_expired(app.store):
+        click.echo(f"{name}: the lease ended; dropped (expired)", err=True)
+
+
+def _with_lease(doc: dict) -> dict:
+    """The public JSON form of a node plus the ends of its leases (epoch seconds, or null)."""
+    from rhaas.core.batch_lease import time_left
+
+    return dict(public_node(doc), lease_until=doc.get("lease_until"), assign_until=doc.get("assign_until"),
+                time_left=time_left(doc.get("lease_until")))
+
+
 @click.command()
 @click.argument("targets", nargs=-1, required=True, metavar="COUNT | NODE...", shell_complete=complete_upstream_free)
+@click.option("--for", "lease_for", metavar="DURATION",
+              help="The nodes come back to the upstream by themselves after DURATION (5s, 10m, 2h).")
 @json_option
 @dry_run_option
 @pass_app
-def lease(app: App, targets, as_json, dry_run):
+def lease(app: App, targets, lease_for, as_json, dry_run):
     """Lease COUNT free nodes from the upstream, or the named nodes.
 
     \b
     Examples:
       rhaas lease 8
+      rhaas lease 1000 --for 10m
       rhaas lease node-[01-04]
       echo node-07 | rhaas lease -
     """
+    from rhaas.core.batch_lease import parse_duration
     from rhaas.core.lease import lease_nodes
 
+    seconds = parse_duration(lease_for) if lease_for is not None else None
+    _drop_expired(app)
     if len(targets) == 1 and targets[0].isdigit():
-        rows = lease_nodes(app.store, count=int(targets[0]), dry_run=dry_run)
+        rows = lease_nodes(app.store, count=int(targets[0]), dry_run=dry_run, lease_for=seconds)
     else:
         names = expand_nodes(targets)
         if not names:
             raise UsageError("no nodes named")
-        rows = lease_nodes(app.store, names=names, dry_run=dry_run)
+        rows = lease_nodes(app.store, names=names, dry_run=dry_run, lease_for=seconds)
     sys.exit(results(rows, as_json, "lease"))
 
 
@@ -59,6 +81,7 @@ def free(app: App, names, force, no_standby, as_json, dry_run):
     """
     from rhaas.core.lease import free_nodes
 
+    _drop_expired(app)
     names = expand_nodes(names)
     if not names:
         raise UsageError("no nodes named")
@@ -87,6 +110,7 @@ def reconcile(app: App, as_json, dry_run):
     """
     from rhaas.core.lease import reconcile as do_reconcile
 
+    _drop_expired(app)
     changes = do_reconcile(app.store, dry_run=dry_run)
     if as_json:
         emit_json(changes)
@@ -111,8 +135,10 @@ def list_nodes(app: App, which, as_json, quiet):
       rhaas list --available -q | head -8 | rhaas kexec --image b -
       rhaas list --json | jq '.[].name'
     """
+    from rhaas.core.batch_lease import time_left
     from rhaas.core.kexec.owner import live_views
 
+    _drop_expired(app)
     docs = live_views(app.snapshot().nodes())  # a dead kexec run's nodes show as interrupted
     if which == "available":
         docs = [d for d in docs if not d.get("project")]
@@ -122,13 +148,17 @@ def list_nodes(app: App, which, as_json, quiet):
         sys.stdout.write("".join(d["name"] + "\n" for d in docs))
         return
     if as_json:
-        emit_json([public_node(d) for d in docs])
+        emit_json([_with_lease(d) for d in docs])
         return
+    # the lease columns appear only when some lease here has an end
+    ends = any(d.get("lease_until") or d.get("assign_until") for d in docs)
     table(
-        ["node", "state", "project", "status", "image", "last boot", "phases"],
+        ["node", "state", "project", "status", "image", "last boot", "phases"]
+        + (["time left", "project time left"] if ends else []),
         [
             [
                 d["name"],
+                "returning" if d.get("returning") and not d.get("project") else
                 "assigned" if d.get("project") else "available",
                 d.get("project"),
                 d.get("status"),
@@ -136,6 +166,7 @@ def list_nodes(app: App, which, as_json, quiet):
                 human_time(d.get("last_boot")),
                 phases_text(d.get("phases")),
             ]
+            + ([time_left(d.get("lease_until")), time_left(d.get("assign_until"))] if ends else [])
             for d in docs
         ],
     )

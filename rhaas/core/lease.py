@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from rhaas.core.batch_lease import connect_batch, lease_until_of
 from rhaas.core.instance import NodeResult, require_project, upstream_client
 from rhaas.errors import APIError, AuthorizationError, BlockedError, RhaasError, UpstreamUnreachable, UsageError
 from rhaas.model import check_name, new_node, parse_ssh
@@ -40,6 +41,7 @@ def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict
         metadata={k: v for k, v in meta.items() if not k.startswith("rhaas.")},
         image=meta.get("rhaas.image") if isinstance(meta.get("rhaas.image"), str) else None,
         upstream={"endpoint": upstream_url, "node": name},
+        lease_until=lease_until_of(meta),
     )
 
 
@@ -54,8 +56,9 @@ def _details(client, names: list[str]) -> dict[str, dict | None]:
         return dict(pool.map(show, names))
 
 
-def lease_nodes(store, count: int | None = None, names: list[str] | None = None, dry_run: bool = False):
-    """Take COUNT free nodes, or the named ones, into our upstream project."""
+def lease_nodes(store, count: int | None = None, names: list[str] | None = None, dry_run: bool = False,
+                lease_for: float | None = None):
+    """Take COUNT free nodes, or the named ones, into our upstream project (for ``lease_for`` s)."""
     view = store.snapshot()
     project = require_project(view)
     client = upstream_client(store)
@@ -98,6 +101,11 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
     # waves of concurrent connect_node calls: each wave asks for exactly what is still missing,
     # and a node someone else took (409) is replaced by the next candidate in the next wave
     queue = list(candidates)
+    # another rhaas takes them all in one call (rhaas.batch); a real HIL: one connect_node each
+    batch = connect_batch(client, project, candidates, count, bool(names), lease_for)
+    if batch is not None:
+        held, queue, stop_reason = batch.held, [], batch.stop_reason
+        results += batch.failed
     try:
         with ThreadPoolExecutor(max_workers=CONNECT_WORKERS) as pool:
             while queue and not stop_reason:
@@ -120,7 +128,7 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
         results.extend(NodeResult.failed(n, stop_reason) for n in queue)
     if not names and len(held) < count:
         results.append(NodeResult.failed(f"({count - len(held)} more)", stop_reason or "not enough free nodes upstream"))
-    shown = _details(client, held) if held else {}
+    shown = batch.shown if batch is not None else (_details(client, held) if held else {})
     docs = [node_from_upstream(n, shown.get(n), client.url) for n in held]
     if docs:
         with store.transaction() as tx:
