@@ -23,6 +23,7 @@ from rhaas.adapters.hil_answers import Checker, UpstreamMisbehaved
 from rhaas.errors import APIError, UpstreamUnreachable, UsageError
 from rhaas.protocol import BATCH_EXTENSION
 
+OWNED = "Node is already owned by a project."  # rhaas serve's (and HIL's) words for a taken node
 BATCH_CHUNK = 2000  # nodes per call: keeps each answer well under the client's document cap
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -72,10 +73,12 @@ def _checked_answer(client, answer, asked: list[str], what: str) -> tuple[list[s
         node["metadata"] = decode_metadata(node["metadata"])
         out[name] = node
     why = {n: (r if isinstance(r, str) else "refused")[:200] for n, r in refused.items() if n in asked_set}
+    # the words of the one-call-per-node path (a 409 on connect_node)
+    why = {n: "already leased by another project" if r == OWNED else r for n, r in why.items()}
     return taken, why, out
 
 
-def connect_batch(client, project: str, candidates: list[str], count: int | None, named: bool,
+def connect_batch(store, client, project: str, candidates: list[str], count: int | None, named: bool,
                   lease_for: float | None = None) -> Batch | None:
     """Lease through rhaas.batch; None when the upstream does not offer it (then: one call per node).
 
@@ -84,7 +87,9 @@ def connect_batch(client, project: str, candidates: list[str], count: int | None
     """
     from rhaas.core.instance import NodeResult
 
-    if not offers_batch(client):
+    from rhaas import settings
+
+    if settings.resolve(store.snapshot().config(), "upstream-batch")[0] == "off" or not offers_batch(client):
         if lease_for is not None:
             raise UsageError("the upstream does not offer leases with an end (rhaas.batch); lease without --for")
         return None

@@ -102,7 +102,7 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
     # and a node someone else took (409) is replaced by the next candidate in the next wave
     queue = list(candidates)
     # another rhaas takes them all in one call (rhaas.batch); a real HIL: one connect_node each
-    batch = connect_batch(client, project, candidates, count, bool(names), lease_for)
+    batch = connect_batch(store, client, project, candidates, count, bool(names), lease_for)
     if batch is not None:
         held, queue, stop_reason = batch.held, [], batch.stop_reason
         results += batch.failed
