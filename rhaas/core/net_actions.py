@@ -195,7 +195,7 @@ class NetActions:
             if exc.status in (401, 403, 404):
                 return False  # not ours to see: our create did not happen
             raise
-        return isinstance(shown, dict) and shown.get("owner") == self.project_upstream
+        return isinstance(shown, dict)  # our project can see it: our create happened
 
     # -- resuming what a dead process left ------------------------------------------------------------
     def resume(self) -> None:
