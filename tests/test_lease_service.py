@@ -226,3 +226,38 @@ def test_a_lease_for_5s_comes_back_to_the_standby_by_itself(tmp_path, start_serv
     assert "expired" in proc.stderr
     d1_events = Store(d1).snapshot().events()
     assert sorted(e["node"] for e in d1_events if e["action"] == "expired") == names
+
+
+def test_a_node_not_back_at_the_standby_is_not_handed_on(tmp_path, start_serve):
+    """Its standby return fails here (nothing listens on its SSH port): it stays held back, with a 409."""
+    from rhaas.adapters.hil import HILClient
+    from rhaas.errors import BlockedError
+
+    root, d1 = tmp_path / "root", tmp_path / "d1"
+    make_root(root, nodes=[dict(plain_node(1), ssh="root@127.0.0.1:9"), dict(plain_node(2), ssh=None)],
+              users=(("admin", "a", True, ()), ("alice", "pw", False, ("p1",))), projects=("p1",))
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.gz"
+    kernel.write_bytes(os.urandom(4096))
+    initrd.write_bytes(gzip.compress(b"x"))
+    rhaas(root, "image", "add", "standby", "--kernel", kernel, "--initrd", initrd, check=True)
+    rhaas(root, "config", "set", "standby-image", "standby", check=True)
+    served = start_serve(root)
+    env = {"RHAAS_UPSTREAM_PASSWORD": "pw"}
+    rhaas(d1, "init", "--upstream", served.url, "--project", "p1", "--user", "alice", env=env, check=True)
+    rhaas(d1, "lease", "node-01", "node-02", env=env, check=True)
+    proc = rhaas(d1, "free", "node-01", "node-02", "--no-standby", env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # node-02 has no SSH path: free at once; node-01 is held back until its standby return ends
+    wait_for(lambda: any(e["action"] == "standby" and e["node"] == "node-01"
+                         for e in Store(root).snapshot().events()), timeout=60, what="the standby return to end")
+    doc = Store(root).snapshot().node("node-01")
+    assert doc["project"] is None and doc["returning"]["failed"]
+    client = HILClient(served.url, "alice", "pw")
+    assert client.free_nodes() == ["node-02"]
+    try:
+        client.connect_node("p1", "node-01")
+        raise AssertionError("connect_node on a node not back at the standby was accepted")
+    except BlockedError as exc:
+        assert exc.status == 409 and "standby" in exc.msg
+    proc = rhaas(d1, "lease", "node-01", "--json", env=env)
+    assert proc.returncode == 1 and "standby" in json.loads(proc.stdout)[0]["reason"]
