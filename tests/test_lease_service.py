@@ -261,3 +261,43 @@ def test_a_node_not_back_at_the_standby_is_not_handed_on(tmp_path, start_serve):
         assert exc.status == 409 and "standby" in exc.msg
     proc = rhaas(d1, "lease", "node-01", "--json", env=env)
     assert proc.returncode == 1 and "standby" in json.loads(proc.stdout)[0]["reason"]
+
+
+def test_batch_and_duration_input_is_checked(tmp_path, start_serve):
+    from rhaas.adapters.hil import HILClient
+    from rhaas.errors import APIError
+
+    root, d1 = tmp_path / "root", tmp_path / "d1"
+    make_root(root, nodes=[plain_node(i) for i in range(1, 4)],
+              users=(("admin", "a", True, ()), ("alice", "pw", False, ("p1",)), ("bob", "pw", False, ("p2",))),
+              projects=("p1", "p2"))
+    served = start_serve(root)
+    alice, bob = HILClient(served.url, "alice", "pw"), HILClient(served.url, "bob", "pw")
+    assert "rhaas.batch" in alice.call("list_active_extensions")
+    for body in ({}, {"count": 0}, {"count": 1, "nodes": ["node-01"]}, {"nodes": ["../x"]},
+                 {"nodes": ["node-01", "node-01"]}, {"count": 1, "for_seconds": -5}, {"count": 1, "for_seconds": True},
+                 {"count": "1"}, {"count": 1, "extra": 1}):
+        try:
+            alice.call("rhaas_connect_nodes", body, project="p1")
+            raise AssertionError(f"accepted {body}")
+        except APIError as exc:
+            assert exc.status == 400, (body, exc)
+    try:  # another project's member cannot lease into p1
+        bob.call("rhaas_connect_nodes", {"count": 1}, project="p1")
+        raise AssertionError("bob leased into p1")
+    except APIError as exc:
+        assert exc.status in (401, 403)
+    assert all(n["project"] is None for n in Store(root).snapshot().nodes())
+    answer = alice.call("rhaas_connect_nodes", {"nodes": ["node-01", "node-09"], "for_seconds": 60}, project="p1")
+    assert answer["nodes"] == ["node-01"] and "node-09" in answer["refused"] and answer["until"]
+    assert Store(root).snapshot().node("node-01")["assign_until"] == answer["until"]
+    # a bad duration is a usage error before anything is asked
+    env = {"RHAAS_UPSTREAM_PASSWORD": "pw"}
+    rhaas(d1, "init", "--upstream", served.url, "--project", "p1", "--user", "alice", env=env, check=True)
+    for bad in ("5x", "0s", "-1m", ""):
+        proc = rhaas(d1, "lease", "1", "--for", bad, env=env)
+        assert proc.returncode == 2 and "invalid duration" in proc.stderr
+    assert rhaas(root, "project", "add", "p3", "--lease-for", "soon").returncode == 2
+    assert rhaas(root, "project", "add", "p4", "--lease-for", "2h").returncode == 0
+    assert Store(root).snapshot().get("projects", "p4")["lease_for"] == 7200
+    assert len(Store(d1).snapshot().nodes()) == 0

@@ -24,7 +24,7 @@ from rhaas.errors import APIError, UpstreamUnreachable, UsageError
 from rhaas.protocol import BATCH_EXTENSION
 
 OWNED = "Node is already owned by a project."  # rhaas serve's (and HIL's) words for a taken node
-BATCH_CHUNK = 2000  # nodes per call: keeps each answer well under the client's document cap
+BATCH_CHUNK = 1000  # nodes per call: keeps each answer (node documents) under the client's 1 MiB cap
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION_S = 10 * 365 * 86400.0
@@ -85,9 +85,8 @@ def connect_batch(store, client, project: str, candidates: list[str], count: int
     ``named``: take exactly ``candidates`` (each refused one is reported); otherwise take ``count``
     of them, a refused one replaced by the next candidate.
     """
-    from rhaas.core.instance import NodeResult
-
     from rhaas import settings
+    from rhaas.core.instance import NodeResult
 
     if settings.resolve(store.snapshot().config(), "upstream-batch")[0] == "off" or not offers_batch(client):
         if lease_for is not None:

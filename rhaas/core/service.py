@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 from rhaas import protocol
+from rhaas.core.users import hash_password
 from rhaas.errors import (
     APIError,
     AuthorizationError,
@@ -26,7 +28,6 @@ from rhaas.errors import (
     ValidationError,
 )
 from rhaas.model import new_node
-from rhaas.core.users import hash_password
 
 ADMIN_ONLY = "This operation is administrator-only."
 RETURNING = "Node is returning to the standby image; it is free again once back."
@@ -213,8 +214,6 @@ class Service:
         """The node document once its project lets go: held back while it returns to the standby."""
         doc = dict(doc, project=None, tenant_ssh_keys=[], assign_until=None)
         if self.on_detach is not None and doc.get("ssh"):
-            import time
-
             doc["returning"] = {"since": time.time()}
         return doc
 
