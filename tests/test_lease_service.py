@@ -301,3 +301,39 @@ def test_batch_and_duration_input_is_checked(tmp_path, start_serve):
     assert rhaas(root, "project", "add", "p4", "--lease-for", "2h").returncode == 0
     assert Store(root).snapshot().get("projects", "p4")["lease_for"] == 7200
     assert len(Store(d1).snapshot().nodes()) == 0
+
+
+def test_a_networking_intent_left_by_a_dead_serve_is_finished_by_the_next(tmp_path, start_serve):
+    from rhaas.adapters.hil import HILClient
+
+    mid, a = tmp_path / "mid", tmp_path / "a"
+    names = ["node-01", "node-02"]
+    slow = SlowUpstream(names, delay=60.0)
+    try:
+        env = {"RHAAS_UPSTREAM_PASSWORD": "pw"}
+        rhaas(mid, "init", "--upstream", slow.url, "--project", "p1", "--user", "alice", env=env, check=True)
+        with Store(mid).transaction("test") as tx:
+            tx.put_nodes(new_node(n, "leased", upstream_name=n,
+                                  nics=[{"label": "eth0", "macaddr": "52:54:00:00:00:01", "networks": {}}])
+                         for n in names)
+        rhaas(mid, "project", "add", "p2", check=True)
+        rhaas(mid, "user", "add", "bob", "--project", "p2", "--password-stdin", input="pw\n", check=True)
+        s1 = start_serve(mid)
+        rhaas(a, "init", "--upstream", s1.url, "--project", "p2", "--user", "bob", env=env, check=True)
+        rhaas(a, "lease", "node-01", env=env, check=True)
+        rhaas(a, "network", "create", "net", env=env, check=True)
+        sid = within(10, HILClient(s1.url, "bob", "pw").connect_network, "node-01", "eth0", "net")
+        wait_for(lambda: slow.connects == ["node-01"], timeout=30, what="the middle to ask the slow upstream")
+        s1.proc.kill()  # SIGKILL to the serve process this test started, mid-action
+        s1.proc.wait(timeout=10)
+        act = Store(mid).snapshot().get("actions", sid)
+        assert act["status"] == "PENDING" and act["op"] == "connect" and act["asked"]
+        slow.release.set()  # the upstream finishes what it was asked
+        wait_for(lambda: slow.nodes["node-01"] == {"vlan/native": "net"}, timeout=30, what="the upstream to finish")
+        start_serve(mid)  # its reaper finds the intent: the upstream already shows it done
+        wait_for(lambda: Store(mid).snapshot().get("actions", sid)["status"] == "DONE", timeout=30,
+                 what="the next serve to settle the action")
+        assert Store(mid).snapshot().node("node-01")["nics"][0]["networks"] == {"vlan/native": "net"}
+        assert slow.connects == ["node-01"]  # asked once: the upstream's view decided, not a second ask
+    finally:
+        slow.stop()
