@@ -45,6 +45,12 @@ def standby_in_background(store, settings: dict, node: str) -> None:
         if node in _busy:
             return
         _busy.add(node)
+    # from a fresh read, under the claim: a caller's older view may predate the end of the last run
+    doc = store.snapshot().node(node)
+    if doc is None or not doc.get("returning") or doc.get("project"):
+        with _busy_lock:
+            _busy.discard(node)
+        return
 
     def run():
         try:
