@@ -337,3 +337,36 @@ def test_a_networking_intent_left_by_a_dead_serve_is_finished_by_the_next(tmp_pa
         assert slow.connects == ["node-01"]  # asked once: the upstream's view decided, not a second ask
     finally:
         slow.stop()
+
+
+def test_a_derived_serve_reclaims_an_ended_lease_with_its_networks(tmp_path, start_serve):
+    root, mid, top = tmp_path / "root", tmp_path / "mid", tmp_path / "top"
+    make_root(root, nodes=[plain_node(i) for i in range(1, 4)],
+              users=(("admin", "a", True, ()), ("alice", "pw1", False, ("p1",))), projects=("p1",))
+    s0 = start_serve(root)
+    e1, e2 = {"RHAAS_UPSTREAM_PASSWORD": "pw1"}, {"RHAAS_UPSTREAM_PASSWORD": "pw2"}
+    rhaas(mid, "init", "--upstream", s0.url, "--project", "p1", "--user", "alice", env=e1, check=True)
+    rhaas(mid, "lease", "3", env=e1, check=True)
+    rhaas(mid, "project", "add", "p2", "--lease-for", "8s", check=True)  # the project's default
+    rhaas(mid, "user", "add", "bob", "--project", "p2", "--password-stdin", input="pw2\n", check=True)
+    s1 = start_serve(mid)
+    rhaas(top, "init", "--upstream", s1.url, "--project", "p2", "--user", "bob", env=e2, check=True)
+    assert rhaas(top, "lease", "node-02", env=e2).returncode == 0
+    assert rhaas(top, "network", "create", "render", env=e2).returncode == 0
+    assert rhaas(top, "network", "connect", "node-02", "eth0", "render", env=e2, timeout=60).returncode == 0
+    assert Store(root).snapshot().node("node-02")["nics"][0]["networks"] == {"vlan/native": "render"}
+
+    def reclaimed():
+        doc = Store(mid).snapshot().node("node-02")
+        return doc["project"] is None and doc["nics"][0]["networks"] == {}
+
+    wait_for(reclaimed, timeout=60, what="the middle to reclaim node-02 when its lease ended")
+    # detached at the root too, and free again at the middle
+    assert Store(root).snapshot().node("node-02")["nics"][0]["networks"] == {}
+    assert Store(root).snapshot().node("node-02")["project"] == "p1"
+    assert "node-02" in rhaas(mid, "list", "--available", "-q").stdout.split()
+    mid_events = [e for e in Store(mid).snapshot().events() if e["node"] == "node-02"]
+    assert any(e["action"] == "expired" and e["outcome"] == "ok" for e in mid_events)
+    proc = rhaas(top, "list", "-q", env=e2)
+    assert proc.stdout == "" and "expired" in proc.stderr
+    assert [e["node"] for e in Store(top).snapshot().events() if e["action"] == "expired"] == ["node-02"]
