@@ -38,7 +38,8 @@ def assigned(doc: dict, project: str, keys: list[str], lease_for: float | None) 
     return dict(doc, project=project, tenant_ssh_keys=list(keys), assign_until=until)
 
 
-def check_lease_for(value) -> float | None:
+def check_lease_for(value: object) -> float | None:
+    """A requested lease length in seconds, checked (BadArgumentError, 400, otherwise)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -47,7 +48,8 @@ def check_lease_for(value) -> float | None:
     return float(value)
 
 
-def connect_nodes(service, caller, project: str, count=None, nodes=None, for_seconds=None) -> dict:
+def connect_nodes(service, caller, project: str, count: int | None = None, nodes: list | None = None,
+                  for_seconds: float | None = None) -> dict:
     """Assign ``count`` free nodes, or the named ones, to ``project`` in one transaction."""
     if (count is None) == (nodes is None):
         raise BadArgumentError("give exactly one of count and nodes")
