@@ -88,7 +88,10 @@ def connect_batch(store, client, project: str, candidates: list[str], count: int
     from rhaas import settings
     from rhaas.core.instance import NodeResult
 
-    if settings.resolve(store.snapshot().config(), "upstream-batch")[0] == "off" or not offers_batch(client):
+    mode = settings.resolve(store.snapshot().config(), "upstream-batch")[0]
+    if mode not in ("auto", "off"):
+        raise UsageError(f"setting upstream-batch wants auto or off, got {mode[:40]!r}")
+    if mode == "off" or not offers_batch(client):
         if lease_for is not None:
             raise UsageError("the upstream does not offer leases with an end (rhaas.batch); lease without --for")
         return None
