@@ -30,6 +30,7 @@ MAX_BATCH = 100_000  # nodes in one rhaas.batch call
 MAX_LEASE_S = 10 * 365 * 86400.0
 PASS_S = 1.0  # the reaper's longest sleep between passes
 STANDBY_RETRY_S = 300.0  # a failed standby return is tried again this late
+RECLAIM_RETRY_S = 30.0  # a reclaim the upstream refused (networks still attached) is tried again this late
 
 
 def assigned(doc: dict, project: str, keys: list[str], lease_for: float | None) -> dict:
@@ -115,15 +116,15 @@ def _detach_upstream(service, doc: dict) -> None:
                     raise RhaasError(f"detaching {network} from {nic['label']} upstream did not finish")
 
 
-def reclaim(service, name: str) -> bool:
-    """Free one node whose lease ended; True once done (False: try again on a later pass)."""
+def reclaim(service, name: str) -> str:
+    """Free one node whose lease ended: "done", "later" (an action is running) or "failed" (recorded)."""
     view = service.store.snapshot()
     doc = view.node(name)
     now = time.time()
     if doc is None or not doc.get("project") or not doc.get("assign_until") or doc["assign_until"] > now:
-        return True
+        return "done"
     if service._pending(view, name):
-        return False  # a networking action is still running: the next pass
+        return "later"  # a networking action is still running: the next pass
     project, until = doc["project"], doc["assign_until"]
     if service.upstream is not None and any(nic.get("networks") for nic in doc.get("nics", [])):
         try:
@@ -131,18 +132,18 @@ def reclaim(service, name: str) -> bool:
         except (RhaasError, UpstreamUnreachable) as exc:
             with service.store.transaction("reaper") as tx:
                 tx.event("expired", name, "retry", project=project, reason=str(exc))
-            return False
+            return "failed"
     with service.store.transaction("reaper") as tx:
         cur = tx.node(name)
         if cur is None or cur.get("project") != project or cur.get("assign_until") != until:
-            return True  # freed, or given a new lease, meanwhile
+            return "done"  # freed, or given a new lease, meanwhile
         cur = dict(cur, obm_enabled=False, nics=[dict(n, networks={}) for n in cur.get("nics", [])])
         cur = service.released(cur)
         tx.put_node(cur)
         tx.event("expired", name, "ok", project=project, reclaimed=True, until=until)
     if cur.get("returning"):
         service.on_detach(name)
-    return True
+    return "done"
 
 
 def standby_done(store, name: str, ok: bool, reason: str | None = None) -> None:
@@ -165,6 +166,7 @@ class Reaper:
         self.service = service
         self.interval = interval
         self._stop = threading.Event()
+        self._retry_at: dict[str, float] = {}  # node -> when a failed reclaim may be tried again
         self._thread = threading.Thread(target=self._loop, name="rhaas-reaper", daemon=True)
 
     def start(self) -> Reaper:
@@ -192,7 +194,12 @@ class Reaper:
         now = time.time()
         for doc in view.nodes():
             if doc.get("project") and doc.get("assign_until") and doc["assign_until"] <= now:
-                reclaim(svc, doc["name"])
+                if self._retry_at.get(doc["name"], 0.0) <= now:
+                    outcome = reclaim(svc, doc["name"])
+                    if outcome == "failed":  # recorded once per RECLAIM_RETRY_S, not every pass
+                        self._retry_at[doc["name"]] = now + RECLAIM_RETRY_S
+                    else:
+                        self._retry_at.pop(doc["name"], None)
             elif doc.get("returning") and not doc.get("project") and svc.on_detach is None:
                 standby_done(svc.store, doc["name"], True, "no standby image is set")
             elif doc.get("returning") and not doc.get("project"):
