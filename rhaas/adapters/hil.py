@@ -421,9 +421,9 @@ class HILClient:
         serve's own query keys; a HIL that refuses them (400) gets HIL's plain form instead.
         """
         query = {}
-        if lines:
+        if lines is not None:
             query["lines"] = str(int(lines))
-        if lines or not follow:  # following everything kept is HIL's own form: no query
+        if lines is not None or not follow:  # following everything kept is HIL's own form: no query
             query["follow"] = "yes" if follow else "no"
         try:
             return self._open_console(node, query, max_seconds)
@@ -432,8 +432,9 @@ class HILClient:
                 raise
         return self._open_console(node, {}, max_seconds)
 
-    def console_tail(self, node: str, lines: int, cap: int = 64 * 1024, wait: float = 3.0) -> bytes:
-        """The node's last console bytes (about ``lines`` lines; at most ``cap`` bytes kept).
+    def console_tail(self, node: str, lines: int | None, cap: int = 64 * 1024, wait: float = 3.0) -> bytes:
+        """The node's last console bytes (about ``lines`` lines, or all the upstream keeps; at
+        most ``cap`` bytes kept).
 
         rhaas serve ends the answer itself; HIL's endless stream is read for ``wait`` seconds.
         """
@@ -456,19 +457,20 @@ class HILClient:
         if query:
             path += "?" + urlencode(query)
         what = f"GET {path}"
-        end = time.monotonic() + (max_seconds or MAX_CONSOLE_SECONDS)
+        bound = max_seconds or MAX_CONSOLE_SECONDS
         scheme, host, port, auth = self.scheme, self.host, self.port, True
         for _hop in (1, 2):
             conn = self._conn(scheme, host, port)
-            conn.deadline = min(end, time.monotonic() + self.timeout)
+            conn.deadline = time.monotonic() + self.timeout
             try:
                 headers = {"Authorization": self._auth} if auth and self._auth else {}
                 conn.request("GET", path, headers=headers)
+                sock = conn.sock  # getresponse() lets go of it when the answer will close the connection
                 resp = conn.getresponse()
                 location = resp.getheader("Location")
                 if 200 <= resp.status < 300:
-                    conn.deadline = end  # the body: until the caller stops, or the overall bound
-                    return ConsoleStream(conn, resp)
+                    conn.deadline = time.monotonic() + bound  # the body: until the caller stops, or this
+                    return ConsoleStream(conn, resp, sock)
                 data = self._read_capped(resp, self.max_doc_bytes, what)
             except TimeoutError:
                 conn.close()
@@ -503,9 +505,10 @@ class ConsoleStream:
     """An open console answer: bytes as they come, until the server ends it, the caller
     closes it, or the overall bound passes (then :meth:`read` gives None)."""
 
-    def __init__(self, conn, resp: http.client.HTTPResponse):
+    def __init__(self, conn, resp: http.client.HTTPResponse, sock):
         self._conn = conn
         self._resp = resp
+        self._sock = sock
         self._closed = False
 
     def read(self, timeout: float | None = None) -> bytes | None:
@@ -521,15 +524,14 @@ class ConsoleStream:
 
     def interrupt(self) -> None:
         self._closed = True
-        sock = getattr(self._conn, "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError, AttributeError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        for part in (self._resp, self._conn, self._sock):
+            with contextlib.suppress(Exception):
+                part.close()
 
 
 def _why(exc: BaseException) -> str:

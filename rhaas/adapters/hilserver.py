@@ -181,7 +181,8 @@ class HILApp:
                 traceback.print_exc()
         if hasattr(doc, "follow"):  # a console (core.console.ConsoleAnswer): bytes, not JSON
             doc.gone = environ.get("waitress.client_disconnected") or doc.gone
-            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            write(b"")  # the status line and headers now: a quiet console may send nothing for long
             return doc
         payload = b"" if doc is None else json.dumps(doc).encode()
         if doc is not None:

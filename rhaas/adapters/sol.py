@@ -177,6 +177,8 @@ def read_history(host: str, port: int, user: str, password: str, cipher_suite: i
             buf += data
             if END_OF_HISTORY in buf:
                 buf = buf.split(END_OF_HISTORY, 1)[0]
+                if buf.endswith(b"\r\n"):  # the BMC's own line break before its marker
+                    del buf[-2:]
                 break
             if len(buf) > 2 * limit:
                 del buf[: len(buf) - limit]

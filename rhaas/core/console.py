@@ -87,12 +87,12 @@ def text_lines(data: bytes, n: int | None = None) -> list[str]:
 
 
 def last_lines(data: bytes, n: int) -> bytes:
-    """The raw bytes of the last ``n`` lines (for a reader who asked for ``--lines N``)."""
-    parts = data.replace(b"\r\n", b"\n").split(b"\n")
-    if parts and parts[-1] == b"":
-        parts.pop()
-        return b"\n".join(parts[-n:]) + b"\n" if parts else b""
-    return b"\n".join(parts[-n:])
+    """The raw bytes of the last ``n`` lines (for a reader who asked for ``--lines N``);
+    blank lines at the very end do not count."""
+    body = data.rstrip(b"\r\n")
+    if not body or n <= 0:
+        return b""
+    return b"\n".join(body.replace(b"\r\n", b"\n").split(b"\n")[-n:]) + b"\n"
 
 
 class NodeConsole:
@@ -259,6 +259,31 @@ class SolSource:
             self._live.close()
 
 
+class UpstreamSource:
+    """A leased node: what the upstream keeps of its console, then the upstream's live stream."""
+
+    def __init__(self, client, upstream_name: str, max_seconds: float | None = None):
+        self.client, self.up, self.max_seconds = client, upstream_name, max_seconds
+        self._live = None
+
+    def history(self) -> list[bytes]:
+        self.client.set_obm(self.up, True)  # HIL: no console without OBM on
+        past = self.client.console_tail(self.up, None)
+        self._live = self.client.console(self.up, follow=True, lines=0, max_seconds=self.max_seconds)
+        return [past]
+
+    def read(self, timeout: float) -> bytes | None:
+        return self._live.read(timeout) if self._live is not None else None
+
+    def interrupt(self) -> None:
+        if self._live is not None:
+            self._live.interrupt()
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.close()
+
+
 def node_source(doc: dict, settings: dict, client_factory: Callable[[], object] | None = None,
                 max_seconds: float | None = None) -> Callable[[], object] | None:
     """How to open ``doc``'s console (called in the pump thread), or None if it has no path."""
@@ -266,13 +291,7 @@ def node_source(doc: dict, settings: dict, client_factory: Callable[[], object] 
         if client_factory is None:
             return None
         upstream_name = doc.get("upstream_name") or doc["name"]
-
-        def open_upstream():
-            client = client_factory()
-            client.set_obm(upstream_name, True)  # HIL: no console without OBM on
-            return client.console(upstream_name, follow=True, max_seconds=max_seconds)
-
-        return open_upstream
+        return lambda: UpstreamSource(client_factory(), upstream_name, max_seconds)
     ipmi = doc.get("ipmi")
     if ipmi and ipmi.get("host"):
         return lambda: SolSource(ipmi, settings)
@@ -364,8 +383,8 @@ def parse_console_query(lines: str | None, follow: str | None) -> tuple[int | No
 
     n = None
     if lines is not None:
-        if not lines.isdigit() or not 1 <= int(lines) <= MAX_LINES:
-            raise ValidationError(f"lines must be a whole number from 1 to {MAX_LINES}")
+        if not lines.isdigit() or not 0 <= int(lines) <= MAX_LINES:
+            raise ValidationError(f"lines must be a whole number from 0 to {MAX_LINES}")
         n = int(lines)
     if follow is None:
         return n, n is None
@@ -392,7 +411,7 @@ class ConsoleAnswer:
 
     def __iter__(self) -> Iterator[bytes]:
         data, offset = self._con.snapshot()
-        yield last_lines(data, self.lines) if self.lines else data
+        yield data if self.lines is None else last_lines(data, self.lines)
         if not self.follow:
             return
         checked = time.monotonic()

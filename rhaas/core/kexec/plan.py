@@ -91,6 +91,8 @@ class KexecResult:
     polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
     keep_status: bool = False  # refused before anything was asked of the node: only an event
     attempts: int = 1  # kexec attempts (1 + the retries used)
+    failed_at: float | None = None  # wall time the kexec was judged failed (its console is cut there)
+    console_tail: list[str] = field(default_factory=list)  # the node's last console lines, on failure
 
     def public(self) -> dict:
         """The stable JSON form (``rhaas kexec --json``)."""
@@ -102,6 +104,7 @@ class KexecResult:
             "boot_id": self.boot_id,
             "reason": self.reason,
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
+            "console_tail": list(self.console_tail),
         }
 
 
