@@ -95,8 +95,9 @@ class KexecResult:
     console_tail: list[str] = field(default_factory=list)  # the node's last console lines, on failure
 
     def public(self) -> dict:
-        """The stable JSON form (``rhaas kexec --json``)."""
-        return {
+        """The stable JSON form (``rhaas kexec --json``); ``console_tail`` only on a failed node
+        whose console had something to say."""
+        doc = {
             "node": self.node,
             "outcome": self.outcome,
             "image": self.image,
@@ -104,8 +105,10 @@ class KexecResult:
             "boot_id": self.boot_id,
             "reason": self.reason,
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
-            "console_tail": list(self.console_tail),
         }
+        if self.console_tail:
+            doc["console_tail"] = list(self.console_tail)
+        return doc
 
 
 @dataclass
