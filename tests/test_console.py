@@ -5,6 +5,7 @@ passing it on. Nothing is mocked except the node itself, whose serial port is th
 """
 
 
+# ruff: noqa: F811  (fixtures imported from farm_fixtures come back as parameters)
 from __future__ import annotations
 
 import base64
@@ -18,6 +19,7 @@ import threading
 import time
 
 import pytest
+from farm_fixtures import _farm_process, client_key, farm_home, sim_farm  # noqa: F401
 from ipmi_fixtures import EMU_FILE, IPMI_SIM, SimBMC, _answers_ping, free_udp_port, requires_ipmi_sim
 from worlds import make_root, plain_node, rhaas, wait_for, within
 
@@ -355,3 +357,44 @@ def test_store_untouched_by_reading(tmp_path, sol_node):
     boot_lines(serial, n=3)
     assert rhaas(home, "console", "node-01", timeout=60).returncode == 0
     assert Store(home).snapshot().node("node-01") == before
+
+
+# -- kexec: a node that does not come back names what its console said -------------------------------
+def test_kexec_failure_carries_the_console_tail(tmp_path, rhaas_home, sol_node, sim_farm, farm_home):
+    """A farm node (real SSH) jumps and never returns; its BMC's SOL is the test's serial port,
+    which says what a panicking kernel says while the run waits for the node."""
+    from click.testing import CliRunner
+
+    from rhaas.cli import cli
+
+    bmc, serial = sol_node
+    name = sim_farm.names[0]
+    farm_home(rhaas_home, [name], per_node={name: {"ipmi": sol_doc(bmc)}})
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.gz"
+    kernel.write_bytes(os.urandom(4096))
+    initrd.write_bytes(os.urandom(4096))
+    r = CliRunner().invoke(cli, ["image", "add", "img", "--kernel", str(kernel), "--initrd", str(initrd)])
+    assert r.exit_code == 0, r.output
+    sim_farm.set_faults({name: ["never_returns"]})
+    boot_lines(serial, n=5, tag="old kernel")
+
+    def panic_once_watched():
+        wait_for(lambda: active_sessions(bmc) >= 1, timeout=30, what="the run to watch the console")
+        time.sleep(0.5)
+        serial.write("[    0.912345] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+
+    writer = threading.Thread(target=panic_once_watched, daemon=True)
+    writer.start()
+    r = within(120, CliRunner().invoke, cli, ["kexec", name, "--image", "img", "--timeout", "6",
+                                              "--no-fallback", "--json"], catch_exceptions=False)
+    writer.join(5)
+    assert r.exit_code == 1, r.output
+    out = json.loads(r.stdout)[0]
+    assert out["outcome"] == "failed"
+    assert out["console_tail"][-1] == "[    0.912345] Kernel panic - not syncing: VFS: Unable to mount root fs"
+    assert out["reason"] == ("did not come back within 6s: "
+                             "[    0.912345] Kernel panic - not syncing: VFS: Unable to mount root fs")
+    ev = json.loads(CliRunner().invoke(cli, ["events", name, "--json"]).stdout)
+    assert "Kernel panic - not syncing" in json.dumps([e for e in ev if e["action"] == "kexec"][-1])
+    # the run let go of the console: no session left at the BMC
+    assert wait_for(lambda: active_sessions(bmc) == 0, timeout=20)
