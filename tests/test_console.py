@@ -398,3 +398,15 @@ def test_kexec_failure_carries_the_console_tail(tmp_path, rhaas_home, sol_node, 
     assert "Kernel panic - not syncing" in json.dumps([e for e in ev if e["action"] == "kexec"][-1])
     # the run let go of the console: no session left at the BMC
     assert wait_for(lambda: active_sessions(bmc) == 0, timeout=20)
+
+
+def test_a_bmc_that_refuses_is_a_one_line_error(tmp_path, sol_node):
+    bmc, _serial = sol_node
+    home = tmp_path / "root"
+    make_root(home, nodes=[plain_node(1, ipmi=sol_doc(bmc) | {"password": "wrong-password"})])
+    proc = rhaas(home, "console", "node-01", "--lines", "5", timeout=90)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("rhaas: error: console of node-01: SOL to admin@127.0.0.1:")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "wrong-password" not in proc.stderr
+    # (ipmi_sim keeps the half-open session of a refused login until it times out; SOL is free)
+    assert sol_is_free(bmc)

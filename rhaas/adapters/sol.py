@@ -36,6 +36,7 @@ from rhaas.errors import RhaasError
 
 CLOSE_WAIT = 5.0  # seconds ipmitool gets to deactivate SOL and log out after its stdin ends
 HISTORY_WAIT = 5.0  # the whole read of the BMC's history buffer
+OPEN_GRACE = 3.0  # a refused login ends ipmitool well within this; a silent BMC takes longer
 BANNER = b"[SOL Session operational.  Use ~? for help]"
 END_OF_HISTORY = b"<End Of History>"
 TERMINATED = b"[terminated ipmitool]"
@@ -67,6 +68,9 @@ class SolSession:
                       "-p", str(int(port)), "-U", str(user), "-E"]
         self._env = {**os.environ, "IPMITOOL_PASSWORD": password or ""}
         argv = self._base + ["sol", "activate"] + ([f"instance={int(instance)}"] if instance != 1 else [])
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf:  # ipmitool's banner waits in its stdio buffer otherwise (stdout is a pipe)
+            argv = [stdbuf, "-o0"] + argv
         self.instance = instance
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -75,6 +79,7 @@ class SolSession:
             raise SolError(f"cannot start ipmitool for {self.where}: {exc.strerror}") from None
         self._head = b""  # the start of the output until the banner is past
         self._banner_seen = False
+        self._pending = b""  # console bytes read while waiting for the session to open
 
     def __enter__(self) -> SolSession:  # noqa: PYI034
         return self
@@ -86,8 +91,32 @@ class SolSession:
     def pid(self) -> int:
         return self._proc.pid
 
+    def wait_open(self, grace: float = OPEN_GRACE) -> None:
+        """Return once the BMC has accepted the session (ipmitool's banner) or ipmitool is still
+        trying after ``grace`` seconds (a BMC that does not answer ends the console later);
+        raise :class:`SolError` with ipmitool's reason if it gave up (wrong password, payload
+        busy)."""
+        deadline = time.monotonic() + grace
+        while not self._banner_seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            data = self._read_raw(min(left, 0.5))
+            if data is None:
+                why = self.failure()
+                self.close()
+                raise SolError(f"SOL to {self.where}: {why}")
+            self._pending += self._strip(data)
+
     def read(self, timeout: float) -> bytes | None:
         """Console bytes that arrived within ``timeout`` seconds (maybe b""); None once it ended."""
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        data = self._read_raw(timeout)
+        return data if data is None else self._strip(data)
+
+    def _read_raw(self, timeout: float) -> bytes | None:
         out = self._proc.stdout
         if out is None or out.closed:
             return None
@@ -95,9 +124,7 @@ class SolSession:
         if not ready:
             return b""
         data = os.read(out.fileno(), READ_CHUNK)
-        if not data:
-            return None
-        return self._strip(data)
+        return data or None
 
     def _strip(self, data: bytes) -> bytes:
         """Drop ipmitool's own banner lines from the console bytes."""

@@ -31,7 +31,7 @@ from rhaas.errors import RhaasError
 
 RING_BYTES = 64 * 1024
 MARKS = 256  # (offset, time) marks kept per node: when each part of the ring arrived
-READY_WAIT = 8.0  # a reader waits this long for the history of a node that was just opened
+READY_WAIT = 12.0  # a reader waits this long for a just opened node: its history, then the live session
 STOP_WAIT = 8.0  # a pump thread gets this long to close its source
 UPSTREAM_STREAMS_PER_RUN = 8  # live upstream console streams one kexec run keeps open
 TAIL_LINES = 20  # console lines kept in a failed node's kexec result
@@ -245,7 +245,9 @@ class SolSource:
         from rhaas.adapters.sol import SolSession, read_history
 
         past = read_history(*self._args())
-        self._live = SolSession(*self._args())
+        live = SolSession(*self._args())
+        live.wait_open()  # a BMC that refuses is an error now, not an empty console
+        self._live = live
         return [past]
 
     def read(self, timeout: float) -> bytes | None:
