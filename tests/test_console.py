@@ -410,3 +410,24 @@ def test_a_bmc_that_refuses_is_a_one_line_error(tmp_path, sol_node):
     assert len(proc.stderr.strip().splitlines()) == 1 and "wrong-password" not in proc.stderr
     # (ipmi_sim keeps the half-open session of a refused login until it times out; SOL is free)
     assert sol_is_free(bmc)
+
+
+def test_console_streams_are_bounded_and_a_slot_frees_when_its_client_leaves(tmp_path, start_serve, sol_node):
+    """Each stream holds one of waitress's worker threads: half of them at most stream consoles."""
+    bmc, serial = sol_node
+    home = tmp_path / "root"
+    make_root(home, nodes=[plain_node(1, ipmi=sol_doc(bmc), project="p1", obm_enabled=True)], projects=("p1",),
+              users=(("admin", "a", True, ()), ("alice", "pw1", False, ("p1",))))
+    rhaas(home, "config", "set", "serve-threads", "2", check=True)  # one console stream at a time
+    boot_lines(serial, n=3)
+    s = start_serve(home)
+    path = "/v0/node/node-01/console"
+    conn, resp = _get(s.url, path, "alice", "pw1", read=False)
+    assert resp.status == 200
+    status, body = _get(s.url, path, "alice", "pw1")
+    assert status == 503 and json.loads(body)["msg"].startswith("Too many console streams")
+    # API calls still have a thread
+    assert _get(s.url, "/v0/node/node-01", "alice", "pw1")[0] == 200
+    resp.close()
+    conn.close()
+    assert wait_for(lambda: _get(s.url, path + "?lines=1&follow=no", "alice", "pw1")[0] == 200, timeout=20)
