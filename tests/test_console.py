@@ -431,3 +431,52 @@ def test_console_streams_are_bounded_and_a_slot_frees_when_its_client_leaves(tmp
     resp.close()
     conn.close()
     assert wait_for(lambda: _get(s.url, path + "?lines=1&follow=no", "alice", "pw1")[0] == 200, timeout=20)
+
+
+def test_client_follows_hils_redirect_and_falls_back_to_its_plain_form():
+    """A HIL-like upstream on loopback: it refuses rhaas's query keys (400, as HIL's strict
+    argument check does) and answers the plain call with a 307 to an obmd-like token URL
+    that streams the console."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rhaas.adapters.hil import HILClient
+
+    seen: list[tuple[str, str | None]] = []
+
+    class FakeHIL(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path.startswith("/v0/node/n1/console?"):
+                body = b'{"type": "ValidationError", "msg": "Request arguments are not valid for this request"}'
+                self.send_response(400)
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/v0/node/n1/console":
+                self.send_response(307)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/obmd/n1/console?token=ab12")
+                self.end_headers()
+            elif self.path == "/obmd/n1/console?token=ab12":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"line one\r\nKernel panic - not syncing: test\r\n")
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHIL)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HILClient(f"http://127.0.0.1:{server.server_port}", "alice", "pw", timeout=5)
+        tail = within(30, client.console_tail, "n1", 5)
+        assert text_lines(tail) == ["line one", "Kernel panic - not syncing: test"]
+        assert [p for p, _ in seen] == ["/v0/node/n1/console?lines=5&follow=no", "/v0/node/n1/console",
+                                        "/obmd/n1/console?token=ab12"]
+        assert seen[1][1] is not None and seen[2][1] is None  # the token URL gets no credentials
+    finally:
+        server.shutdown()
+        server.server_close()
