@@ -121,6 +121,9 @@ ROUTES: list[Route] = [
     Route("node_power_off", "POST", "/node/<node>/power_off", redirectable=True),
     Route("node_power_status", "GET", "/node/<node>/power_status", redirectable=True),
     Route("node_set_bootdev", "PUT", "/node/<node>/boot_device", {"bootdev": (S, R)}, redirectable=True),
+    # the console: a byte stream, not JSON. HIL's client sends no query; "lines" (the last N
+    # lines first) and "follow" (yes/no: go on with the live console) are rhaas serve's own
+    Route("node_console", "GET", "/node/<node>/console", query=("lines", "follow"), redirectable=True),
     # users
     Route("list_users", "GET", "/auth/basic/users"),
     Route("user_create", "PUT", "/auth/basic/user/<user>", {"password": (S, R), "is_admin": (bool, OPT)}),

@@ -62,7 +62,7 @@ MAX_BODY = 1 << 20
 MAX_DEPTH = 32
 REASONS = {200: "OK", 202: "ACCEPTED", 400: "BAD REQUEST", 401: "UNAUTHORIZED", 404: "NOT FOUND",
            405: "METHOD NOT ALLOWED", 409: "CONFLICT", 413: "REQUEST ENTITY TOO LARGE",
-           429: "TOO MANY REQUESTS", 500: "INTERNAL SERVER ERROR"}
+           429: "TOO MANY REQUESTS", 500: "INTERNAL SERVER ERROR", 503: "SERVICE UNAVAILABLE"}
 
 READ_ROUTES = {
     "list_projects",
@@ -126,6 +126,8 @@ def dispatch(service: Service, route: protocol.Route, caller: Caller, view, args
         return service.power(caller, view, args["node"], POWER_OPS[name])
     if name == "node_power_status":
         return {"power_status": service.power(caller, view, args["node"], "status")}
+    if name == "node_console":
+        return service.node_console(caller, view, args["node"], **query)
     if name == "node_set_bootdev":
         return service.set_bootdev(caller, view, args["node"], body["bootdev"])
     return getattr(service, name)(caller, **args, **body)
@@ -179,6 +181,11 @@ class HILApp:
             status, doc = 500, ServerError(f"internal error ({type(exc).__name__})").body()
             if os.environ.get("RHAAS_DEBUG"):
                 traceback.print_exc()
+        if hasattr(doc, "follow"):  # a console (core.console.ConsoleAnswer): bytes, not JSON
+            doc.gone = environ.get("waitress.client_disconnected") or doc.gone
+            write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            write(b"")  # the status line and headers now: a quiet console may send nothing for long
+            return doc
         payload = b"" if doc is None else json.dumps(doc).encode()
         if doc is not None:
             headers.append(("Content-Type", "application/json"))
@@ -274,6 +281,7 @@ class HILServer:
             expose_tracebacks=False,
             ident="rhaas",
             clear_untrusted_proxy_headers=False,
+            channel_request_lookahead=1,  # so a console stream sees its client leave (core.console)
         )
         assert isinstance(self.server, TcpWSGIServer)
         self.server.channel_class = JSONErrorChannel

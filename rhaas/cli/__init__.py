@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "events": ("rhaas.cli.inventory", "events", "Show the event log."),
     "network": ("rhaas.cli.network", "network", "Create, list and attach networks."),
     "power": ("rhaas.cli.power", "power", "Power nodes on, off, cycle them or read status."),
+    "console": ("rhaas.cli.console", "console", "Show a node's serial console."),
     "bootdev": ("rhaas.cli.power", "bootdev", "Set nodes' boot device."),
     "image": ("rhaas.cli.provision", "image", "Manage kernel+initrd images."),
     "kexec": ("rhaas.cli.provision", "kexec", "Jump nodes into a new kernel over SSH."),

@@ -354,6 +354,28 @@ class Service:
                 tx.put_node(dict(cur, bootdev=bootdev))
             tx.event("bootdev", node, "ok", bootdev=bootdev, by=caller.name)
 
+    # -- the console -----------------------------------------------------------------------------------
+    def node_console(self, caller, view, node, lines=None, follow=None):
+        """HIL's console call: the caller's project, OBM on, then a byte stream (core.console).
+        At most half the server's threads stream consoles at once, so API calls always get one."""
+        from rhaas.core import console, console_answer
+
+        self._power_target(caller, view, node)
+        n, keep_following = console_answer.parse_console_query(lines, follow)
+        with self._power_lock:
+            if getattr(self, "_console_hub", None) is None:
+                streams = max(1, int(self.settings.get("serve-threads") or 16) // 2)
+                self._console_slots = threading.BoundedSemaphore(streams)
+                self._console_hub = console.ConsoleHub(console.node_opener(self.store, self.settings))
+        answer = console_answer.open_console_answer(self._console_hub, self._console_slots, node, n, keep_following)
+
+        def still_allowed() -> bool:  # OBM turned off or the node detached: the stream ends
+            doc = self.store.snapshot().node(node) or {}
+            return bool(doc.get("obm_enabled")) and (caller.is_admin or doc.get("project") in caller.projects)
+
+        answer.allowed = still_allowed
+        return answer
+
     # -- networks ------------------------------------------------------------------------------------
     def network_create(self, caller, network, owner, access, net_id):
         with self.store.transaction(caller.name) as tx:

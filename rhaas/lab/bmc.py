@@ -80,10 +80,12 @@ class BMC:
     @classmethod
     def create(cls, name: str, bmc_dir: str | os.PathLike, port: int, password: str,
                node_dir: str | os.PathLike, python: str | None = None,
-               script: str | os.PathLike | None = None) -> BMC:
+               script: str | os.PathLike | None = None, serial_port: int | None = None) -> BMC:
         """Write the BMC's files.  ``script`` replaces the VM chassis script (e.g.
         :mod:`rhaas.lab.simchassis` for a state-only BMC); it is run as
-        ``python SCRIPT NODE_DIR get|set ...``."""
+        ``python SCRIPT NODE_DIR get|set ...``. ``serial_port``: the VM's serial port as a
+        loopback TCP server; the BMC offers it over Serial-over-LAN (ipmi_lan(5) ``sol``), with
+        the last 64 KB kept at the BMC (``history``, SOL instance 2) even when nobody reads."""
         d = Path(bmc_dir).resolve()
         d.mkdir(parents=True, exist_ok=True)
         (d / "state").mkdir(exist_ok=True)
@@ -96,6 +98,7 @@ class BMC:
         if not password.isalnum() or len(password) > 16:
             raise LabError("IPMI password must be 1-16 alphanumeric characters")
         guid = secrets.token_hex(16)
+        sol = f'  sol "tcp:127.0.0.1:{int(serial_port)}" 115200 history=65536\n' if serial_port else ""
         auths = "none md2 md5 straight"
         conf = f"""\
 name "{name}"
@@ -110,7 +113,7 @@ set_working_mc 0x20
     guid {guid}
   endlan
   chassis_control "{python} {script} {node_dir}"
-  user 2 true "{IPMI_USER}" "{password}" admin 10 {auths}
+{sol}  user 2 true "{IPMI_USER}" "{password}" admin 10 {auths}
 """
         fd = os.open(d / "lan.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -197,14 +197,15 @@ class Lab:
             node_dir = d / "nodes" / name
             ssh_port = free_port(avoid=used)
             ipmi_port = free_port(socket.SOCK_DGRAM, avoid=used)
+            serial_port = free_port(avoid=used)
             cfg = VMConfig(name=name, node_dir=str(node_dir), ssh_port=ssh_port,
                            mac=mac_for(name, str(d)), kernel=str(images.kernel),
                            initrds={k: str(v) for k, v in images.initrds.items()},
                            standby_image=guestmod.STANDBY, memory_mb=memory_mb,
                            firmware_delay_ms=round(firmware_delay * 1000),
-                           cmdline=guestmod.KERNEL_CMDLINE)
+                           cmdline=guestmod.KERNEL_CMDLINE, serial_port=serial_port)
             vm = VM.create(cfg, boot_device="pxe")
-            BMC.create(name, node_dir / "bmc", ipmi_port, password, node_dir)
+            BMC.create(name, node_dir / "bmc", ipmi_port, password, node_dir, serial_port=serial_port)
             nodes.append(LabNode(
                 name=name, ssh_host="127.0.0.1", ssh_port=ssh_port,
                 host_key=images.host_key_pub, ssh_key=str(key), mac=cfg.mac,

@@ -103,6 +103,7 @@ class VMConfig:
     cache_disk_mb: int = 256
     cmdline: str = DEFAULT_CMDLINE
     qemu: str = QEMU_BINARY
+    serial_port: int = 0  # >0: the serial port is a loopback TCP server its BMC's SOL connects to
 
     @classmethod
     def load(cls, path: Path) -> VMConfig:
@@ -257,7 +258,11 @@ class VM:
             "-accel", "tcg,tb-size=256", "-cpu", "max", "-machine", "q35",
             "-m", str(c.memory_mb), "-smp", "1",
             "-display", "none", "-nodefaults", "-no-user-config",
-            "-chardev", f"file,id=ser0,path={d / 'console.log'},append=on",
+            # the serial port: console.log always; with a serial_port also a TCP server on
+            # loopback that the node's ipmi_sim connects to for Serial-over-LAN
+            "-chardev", (f"socket,id=ser0,host=127.0.0.1,port={int(c.serial_port)},server=on,wait=off,"
+                         f"logfile={d / 'console.log'},logappend=on") if c.serial_port
+            else f"file,id=ser0,path={d / 'console.log'},append=on",
             "-serial", "chardev:ser0",
             "-monitor", f"unix:{self.monitor},server=on,wait=off",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{c.ssh_port}-:22",

@@ -154,18 +154,43 @@ def kexec_nodes(
         if on_result:
             on_result(r)
     interrupted = False
+    consoles = _watch_consoles(store, settings, jobs, opts)
     try:
         for r in run_jobs(jobs, ctx):
             results[r.node] = r
+            _explain(consoles, r)
             if on_result:
                 on_result(r)
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if consoles is not None:
+            consoles.stop()
         _record(store, results, actor, opts.mode)
     if interrupted:
         raise KeyboardInterrupt
     return [results[d["name"]] for d in docs if d["name"] in results]
+
+
+def _watch_consoles(store, settings: dict, jobs: list[Job], opts: KexecOptions):
+    """Keep the console of each node that will jump (rhaas.core.console), or None."""
+    if opts.mode == "load" or not jobs:
+        return None
+    from rhaas.core.console import RunConsoles
+
+    try:
+        return RunConsoles(store, settings, [j.doc for j in jobs]).start()
+    except RhaasError:
+        return None
+
+
+def _explain(consoles, r: KexecResult) -> None:
+    """A node that failed after its jump carries its last console lines; the last one ends its reason."""
+    if consoles is None or r.outcome not in ("failed", "fallback") or not r.fired:
+        return
+    r.console_tail = consoles.tail(r.node, r.failed_at)
+    if r.console_tail and r.reason:
+        r.reason = f"{r.reason}: {r.console_tail[-1][:200]}"
 
 
 def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str) -> None:
@@ -182,6 +207,8 @@ def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str
                 detail["phases"] = {k: round(v, 3) for k, v in r.phases.items()}
             if r.attempts > 1:
                 detail["attempts"] = r.attempts
+            if r.console_tail:
+                detail["console_tail"] = r.console_tail
             tx.event("kexec", r.node, r.outcome, **detail)
             cur = tx.node(r.node)
             if cur is None or r.keep_status:  # unregistered meanwhile, or left as it was

@@ -59,6 +59,7 @@ class NodeRun:
         self.retries_left = self.opts.retries
         self.attempts = 1
         self.holds_cycle_slot = False
+        self.failed_at: float | None = None  # when the kexec failed (the run's console tail ends there)
         self._next = self._load
         if job.skip_kexec:  # metadata rhaas.kexec=no: straight to the power path
             self.kexec_reason = "skipped"
@@ -85,7 +86,7 @@ class NodeRun:
         self.result = KexecResult(
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
             fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
-            attempts=self.attempts,
+            attempts=self.attempts, failed_at=self.failed_at,
         )
         self.link = None
 
@@ -95,6 +96,8 @@ class NodeRun:
         return f"kexec failed: {self.kexec_reason}"
 
     def _failed(self, reason: str, fallback: bool = True) -> float | None:
+        if self.kexec_reason is None:
+            self.failed_at = time.time()
         if self.kexec_reason is not None:  # the fallback itself failed
             return self._finish("failed", self.old_boot_id, f"{self._why_fallback()}; fallback failed: {reason}")
         if fallback and self.retries_left > 0:

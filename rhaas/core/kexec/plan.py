@@ -91,10 +91,13 @@ class KexecResult:
     polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
     keep_status: bool = False  # refused before anything was asked of the node: only an event
     attempts: int = 1  # kexec attempts (1 + the retries used)
+    failed_at: float | None = None  # wall time the kexec was judged failed (its console is cut there)
+    console_tail: list[str] = field(default_factory=list)  # the node's last console lines, on failure
 
     def public(self) -> dict:
-        """The stable JSON form (``rhaas kexec --json``)."""
-        return {
+        """The stable JSON form (``rhaas kexec --json``); ``console_tail`` only on a failed node
+        whose console had something to say."""
+        doc = {
             "node": self.node,
             "outcome": self.outcome,
             "image": self.image,
@@ -103,6 +106,9 @@ class KexecResult:
             "reason": self.reason,
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
         }
+        if self.console_tail:
+            doc["console_tail"] = list(self.console_tail)
+        return doc
 
 
 @dataclass
