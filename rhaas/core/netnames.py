@@ -58,7 +58,7 @@ def upstream_name(tag: str, owner: str | None, local: str) -> str:
     project = None if owner in (None, ADMIN) else owner
     head = f"{PREFIX}{tag}-"
     readable = head + (f"-{local}" if project is None else f"{project}-{local}")
-    if len(readable) <= MAX_UPSTREAM_LEN and (project is None or "-" not in project):
+    if len(readable) <= MAX_UPSTREAM_LEN and (project is None or (project and "-" not in project)):
         return readable
     digest = hashlib.sha256(json.dumps([project, local]).encode()).hexdigest()[:32]
     return f"{PREFIX}{tag}.{digest}"
