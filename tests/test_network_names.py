@@ -72,6 +72,7 @@ def two_tenants(tmp_path, start_serve):
     root, d1 = tmp_path / "root", tmp_path / "d1"
     s0 = root_world(root, start_serve)
     nodes = derived(d1, s0.url, 3, tenants=(("t1", "u1"), ("t2", "u2")))
+    rhaas(d1, "user", "add", "boss", "--admin", "--password-stdin", input="pw\n", check=True)
     s1 = start_serve(d1)
     u1, u2 = HILClient(s1.url, "u1", "pw"), HILClient(s1.url, "u2", "pw")
     u1.connect_node("t1", nodes[0])
@@ -135,7 +136,7 @@ def test_two_tenants_both_have_net1_and_each_sees_only_its_own(two_tenants):
 
 
 def test_another_tenants_network_is_invisible(two_tenants):
-    _root, _d1, nodes, u1, u2, url = two_tenants
+    _root, d1, nodes, u1, u2, url = two_tenants
     u1.call("network_create", {"owner": "t1", "access": "t1", "net_id": ""}, network="secret")
     # t2 learns nothing: not found (never "no access"), and it may make its own of that name
     expect(404, u2.call, "show_network", network="secret")
@@ -152,6 +153,15 @@ def test_another_tenants_network_is_invisible(two_tenants):
     assert raw_get(url, "/network/secret", "u1")[1]["owner"] == "t1"
     assert raw_get(url, "/network/secret", "u2")[1]["owner"] == "t2"
     assert raw_get(url, "/networks", "u2") == (200, {})
+    # d1's admin sees both, each under its upstream name, and names one by it
+    status, listed = raw_get(url, "/networks", "boss")
+    keys = {n["name"]: n["owner"] for n in Store(d1).snapshot().all("networks")}
+    assert status == 200 and sorted(listed) == sorted(keys) and len(keys) == 2
+    status, doc = raw_get(url, "/network/secret", "boss")
+    assert status == 409 and all(k in doc["msg"] for k in keys)
+    for key, owner in keys.items():
+        assert raw_get(url, f"/network/{key}", "boss")[1]["owner"] == owner
+        assert raw_get(url, f"/network/{key}", "u1")[0] == 404  # tenants know theirs by their own name only
 
 
 def test_the_derived_instances_own_cli_network_still_works(tmp_path, start_serve):

@@ -14,6 +14,11 @@ instance makes upstream gets a name unique to the instance and to the owner:
   readable form ambiguous). The ``.`` after the tag tells the two forms apart, so the mapping
   is one-to-one: distinct (owner, name) pairs never share an upstream name.
 
+The 2015 recursive-HaaS prototype named base networks ``rhaas-<uuid>``; these names are
+deterministic instead (the same instance, owner and name give the same upstream name, so a
+create whose answer was lost is found again by name) and say whose they are to an upstream
+operator, with the mapping kept in the inventory either way.
+
 Every upstream name matches ``[A-Za-z0-9._-]+`` (HIL's client and rhaas accept it), so a real
 HIL upstream sees nothing but a network name it could have been given by hand.
 
