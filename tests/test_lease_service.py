@@ -22,6 +22,11 @@ from rhaas.model import new_node
 from rhaas.store import Store
 
 
+def upstream_of(home, local: str) -> str:
+    """The name ``home`` gives its network ``local`` upstream (rhaas.core.netnames)."""
+    return next(n["name"] for n in Store(home).snapshot().all("networks") if n.get("local", n["name"]) == local)
+
+
 def listing(home, env=None) -> list[dict]:
     return json.loads(rhaas(home, "list", "--json", env=env, check=True).stdout)
 
@@ -107,12 +112,12 @@ class SlowUpstream:
                 return self.answer(200)  # network create
 
             def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path.endswith("/connect_network"):
                     node = self.path.split("/")[3]
                     outer.connects.append(node)
                     outer.release.wait(outer.delay)
-                    outer.nodes[node] = {"vlan/native": "net"}
+                    outer.nodes[node] = {"vlan/native": json.loads(body)["network"]}
                     return self.answer(202, {"status_id": "up-1"})
                 return self.answer(404, {"type": "NotFoundError", "msg": "no"})
 
@@ -174,7 +179,8 @@ def test_a_slow_upstream_does_not_hold_up_other_clients(tmp_path, start_serve):
         slow.release.set()
         waiter.join(60)
         assert result["proc"].returncode == 0, result["proc"].stderr
-        assert Store(mid).snapshot().node("node-01")["nics"][0]["networks"] == {"vlan/native": "net"}
+        up = upstream_of(mid, upstream_of(a, "net"))
+        assert Store(mid).snapshot().node("node-01")["nics"][0]["networks"] == {"vlan/native": up}
         events = [(e["action"], e["node"], e["outcome"]) for e in Store(mid).snapshot().events()]
         assert ("network-connect", "node-01", "pending") in events and ("network-connect", "node-01", "ok") in events
     finally:
@@ -322,18 +328,20 @@ def test_a_networking_intent_left_by_a_dead_serve_is_finished_by_the_next(tmp_pa
         rhaas(a, "init", "--upstream", s1.url, "--project", "p2", "--user", "bob", env=env, check=True)
         rhaas(a, "lease", "node-01", env=env, check=True)
         rhaas(a, "network", "create", "net", env=env, check=True)
-        sid = within(10, HILClient(s1.url, "bob", "pw").connect_network, "node-01", "eth0", "net")
+        at_mid = upstream_of(a, "net")  # what bob's network is called at the middle
+        sid = within(10, HILClient(s1.url, "bob", "pw").connect_network, "node-01", "eth0", at_mid)
         wait_for(lambda: slow.connects == ["node-01"], timeout=30, what="the middle to ask the slow upstream")
         s1.proc.kill()  # SIGKILL to the serve process this test started, mid-action
         s1.proc.wait(timeout=10)
         act = Store(mid).snapshot().get("actions", sid)
         assert act["status"] == "PENDING" and act["op"] == "connect" and act["asked"]
         slow.release.set()  # the upstream finishes what it was asked
-        wait_for(lambda: slow.nodes["node-01"] == {"vlan/native": "net"}, timeout=30, what="the upstream to finish")
+        up = upstream_of(mid, at_mid)
+        wait_for(lambda: slow.nodes["node-01"] == {"vlan/native": up}, timeout=30, what="the upstream to finish")
         start_serve(mid)  # its reaper finds the intent: the upstream already shows it done
         wait_for(lambda: Store(mid).snapshot().get("actions", sid)["status"] == "DONE", timeout=30,
                  what="the next serve to settle the action")
-        assert Store(mid).snapshot().node("node-01")["nics"][0]["networks"] == {"vlan/native": "net"}
+        assert Store(mid).snapshot().node("node-01")["nics"][0]["networks"] == {"vlan/native": up}
         assert slow.connects == ["node-01"]  # asked once: the upstream's view decided, not a second ask
     finally:
         slow.stop()
@@ -354,7 +362,8 @@ def test_a_derived_serve_reclaims_an_ended_lease_with_its_networks(tmp_path, sta
     assert rhaas(top, "lease", "node-02", env=e2).returncode == 0
     assert rhaas(top, "network", "create", "render", env=e2).returncode == 0
     assert rhaas(top, "network", "connect", "node-02", "eth0", "render", env=e2, timeout=60).returncode == 0
-    assert Store(root).snapshot().node("node-02")["nics"][0]["networks"] == {"vlan/native": "render"}
+    up = upstream_of(mid, upstream_of(top, "render"))
+    assert Store(root).snapshot().node("node-02")["nics"][0]["networks"] == {"vlan/native": up}
 
     def reclaimed():
         doc = Store(mid).snapshot().node("node-02")

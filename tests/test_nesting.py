@@ -74,12 +74,15 @@ def test_three_levels(tmp_path, start_serve, ipmi_sim_factory):  # noqa: F811
 
     # networks pass through: created at the top, they exist (and attach) at the root
     assert rhaas(d2, "network", "create", "render", env=e2).returncode == 0
+    # each level names it upstream apart from its other tenants' (rhaas.core.netnames)
+    up = next(n["name"] for n in Store(d1).snapshot().all("networks")
+              if n["local"] == Store(d2).snapshot().all("networks")[0]["name"])
     root_nets = Store(root).snapshot()
-    assert root_nets.get("networks", "render")["owner"] == "p1"
+    assert root_nets.get("networks", up)["owner"] == "p1"
     assert rhaas(d2, "network", "connect", target, "eth0", "render", env=e2).returncode == 0
     root_nic = Store(root).snapshot().node(target)["nics"][0]
-    assert root_nic["networks"] == {"vlan/native": "render"}
-    assert Store(d1).snapshot().node(target)["nics"][0]["networks"] == {"vlan/native": "render"}
+    assert root_nic["networks"] == {"vlan/native": up}
+    assert Store(d1).snapshot().node(target)["nics"][0]["networks"] == {"vlan/native": up}
 
     # free at the top returns nodes to d1 (networks detached, OBM off, node detached)
     proc = rhaas(d2, "free", *leased2, env=e2, timeout=90)
@@ -88,7 +91,7 @@ def test_three_levels(tmp_path, start_serve, ipmi_sim_factory):  # noqa: F811
     assert listing(d1) == {n: None for n in leased1}
     assert Store(root).snapshot().node(target)["nics"][0]["networks"] == {}
     assert rhaas(d2, "network", "delete", "render", env=e2).returncode == 0
-    assert Store(root).snapshot().get("networks", "render") is None
+    assert Store(root).snapshot().get("networks", up) is None
 
     # free at d1 returns them to the root
     proc = rhaas(d1, "free", *leased1, env=e1, timeout=90)

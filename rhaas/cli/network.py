@@ -43,14 +43,18 @@ def delete(app: App, name):
 @pass_app
 def list_networks(app: App, as_json):
     """List networks with the nodes attached to them."""
+    from rhaas.core.netnames import local_name
     from rhaas.core.service import Service
 
     view = app.snapshot()
     rows = []
     for n in view.all("networks"):
+        if n.get("pending"):
+            continue  # being created or deleted upstream
         attached = Service._connected(view, n["name"])
-        rows.append({"name": n["name"], "owner": n["owner"], "channels": n.get("channels", []),
-                     "access": n.get("access"), "attached": attached})
+        rows.append({"name": local_name(n), "owner": n["owner"], "channels": n.get("channels", []),
+                     "access": n.get("access"), "attached": attached,
+                     "upstream_name": n["name"] if n.get("local") else None})
     if as_json:
         emit_json(rows)
         return

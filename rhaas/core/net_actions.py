@@ -155,7 +155,11 @@ class NetActions:
 
     # -- network create / delete --------------------------------------------------------------------
     def network_upstream(self, network: str, op: str, actor: str) -> None:
-        """Create or delete ``network`` upstream (no lock held), then apply; the upstream's error is raised."""
+        """Create or delete ``network`` upstream (no lock held), then apply; the upstream's error is raised.
+
+        ``network`` is the inventory's key, the upstream's name (rhaas.core.netnames); an error the
+        upstream answers is passed on with the caller's own name for the network in it.
+        """
         self._claim("net:" + network)
         settled = False
         try:
@@ -166,9 +170,13 @@ class NetActions:
                                        network=network)
                 else:
                     self.upstream.call("network_delete", network=network)
-            except APIError:
+            except APIError as exc:
+                doc = self.store.snapshot().get("networks", network) or {}
                 self._network_outcome(network, op, done=False, actor=actor)
                 settled = True
+                if doc.get("local") and network in (exc.msg or ""):
+                    exc.msg = exc.msg.replace(network, doc["local"])
+                    exc.args = (exc.msg,)
                 raise
             self._network_outcome(network, op, done=True, actor=actor)
             settled = True

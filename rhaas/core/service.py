@@ -13,6 +13,7 @@ import time
 import uuid
 
 from rhaas import protocol
+from rhaas.core import netnames
 from rhaas.core.users import hash_password
 from rhaas.errors import (
     APIError,
@@ -110,6 +111,27 @@ class Service:
             raise NotFoundError(f"Network {name} does not exist.")
         return doc
 
+    def _resolve(self, view, caller, name: str, project: str | None = None) -> dict:
+        """The network ``name`` means to ``caller`` (to ``project``, the node's, when given).
+
+        A root's names are one namespace, as in HIL; a derived instance's are per project
+        (rhaas.core.netnames), and a network the caller may not see does not exist for it.
+        """
+        if self.upstream is None:
+            return self._network(view, name)
+        if project is not None and (caller.is_admin or project in caller.projects):
+            projects = {project}
+        else:  # no node's project, or one the caller is refused next: only what the caller may see
+            projects, project = caller.projects, None
+        try:
+            net = netnames.resolve(view.all("networks"), name, projects, caller.is_admin and project is None)
+        except netnames.Ambiguous as exc:
+            hint = f": name it by its upstream name ({', '.join(exc.args[0])})" if caller.is_admin else ""
+            raise BlockedError(f"Network name {name} is shared by several networks you may see{hint}") from None
+        if net is None:
+            raise NotFoundError(f"Network {name} does not exist.")
+        return net
+
     def _nic(self, node: dict, label: str) -> dict:
         for nic in node.get("nics", []):
             if nic["label"] == label:
@@ -158,7 +180,7 @@ class Service:
     def project_networks(self, caller, view, project):
         self._project(view, project)
         caller.require_project(project)
-        return sorted(n["name"] for n in view.all("networks")
+        return sorted(netnames.local_name(n) for n in view.all("networks")
                       if project in (n.get("access") or []) and not n.get("pending"))
 
     def project_connect_node(self, caller, project, node):
@@ -227,13 +249,14 @@ class Service:
     def show_node(self, caller, view, node):
         doc = self._node(view, node)
         caller.require_project(doc.get("project")) if doc.get("project") else None
-        return self.shown(doc)
+        return self.shown(doc, netnames.local_names(view))
 
     @staticmethod
-    def shown(doc: dict) -> dict:
-        """A node as show_node answers it (also inside a rhaas.batch answer)."""
+    def shown(doc: dict, names: dict[str, str] | None = None) -> dict:
+        """A node as show_node answers it (also inside a rhaas.batch answer); networks by local name."""
         nics = [
-            {"label": nic["label"], "macaddr": nic.get("macaddr", ""), "networks": dict(nic.get("networks") or {})}
+            {"label": nic["label"], "macaddr": nic.get("macaddr", ""),
+             "networks": netnames.shown_networks(nic.get("networks"), names or {})}
             for nic in doc.get("nics", [])
         ]
         return {"metadata": encode_metadata(doc), "name": doc["name"], "nics": nics, "project": doc.get("project")}
@@ -378,8 +401,9 @@ class Service:
 
     # -- networks ------------------------------------------------------------------------------------
     def network_create(self, caller, network, owner, access, net_id):
+        derived = self.upstream is not None
         with self.store.transaction(caller.name) as tx:
-            if tx.get("networks", network):
+            if not derived and tx.get("networks", network):
                 raise DuplicateError(f"Network {network} already exists.")
             if owner == "admin":
                 caller.require_admin()
@@ -399,39 +423,50 @@ class Service:
                 if net_id:
                     raise BadArgumentError("Project-owned networks must use network ID allocation")
                 used = {n["net_id"] for n in tx.all("networks")}
+            key = network
+            if derived:
+                # checked once the caller may act for the owner: a refusal says nothing of other tenants
+                if netnames.taken(tx.all("networks"), network, owner):
+                    raise DuplicateError(f"Network {network} already exists.")
+                key = netnames.upstream_name(netnames.instance_tag(tx), owner, network)
+                if tx.get("networks", key):
+                    raise DuplicateError(f"Network {network} already exists.")
             if not net_id:
                 net_id = next(str(i) for i in range(1000, 5000) if str(i) not in used)
             doc = {
-                "name": network,
+                "name": key,
                 "owner": owner,
                 "access": [access] if access else None,
                 "net_id": net_id,
                 "channels": [protocol.DEFAULT_CHANNEL, f"vlan/{net_id}"],
             }
-            if self.upstream is not None:
-                # a derived instance's networks are the upstream's: the intent is recorded here,
-                # the upstream asked outside the lock, and the outcome applied after
+            if derived:
+                # a derived instance's networks are the upstream's, under the upstream name made
+                # above (the local one kept beside it): the intent is recorded here, the upstream
+                # asked outside the lock, and the outcome applied after
+                doc["local"] = network
                 doc["pending"] = "create"
             tx.put("networks", doc)
-            if self.upstream is None:
+            if not derived:
                 tx.event("network-create", outcome="ok", network=network, by=caller.name)
-        if self.upstream is not None:
-            self.net.network_upstream(network, "create", caller.name)
+        if derived:
+            self.net.network_upstream(key, "create", caller.name)
 
     def network_delete(self, caller, network):
         with self.store.transaction(caller.name) as tx:
-            net = self._network(tx, network)
+            net = self._resolve(tx, caller, network)
+            key = net["name"]  # the upstream's name, at a derived instance
             caller.require_project(None if net["owner"] == "admin" else net["owner"])
-            if self._connected(tx, network):
+            if self._connected(tx, key):
                 raise BlockedError("Network still connected to nodes")
-            if any(a["status"] == "PENDING" and a.get("new_network") == network for a in tx.data["actions"].values()):
+            if any(a["status"] == "PENDING" and a.get("new_network") == key for a in tx.data["actions"].values()):
                 raise BlockedError("There are pending actions on this network")
             if self.upstream is None:
-                tx.remove("networks", network)
-                tx.event("network-delete", outcome="ok", network=network, by=caller.name)
+                tx.remove("networks", key)
+                tx.event("network-delete", outcome="ok", network=key, by=caller.name)
                 return
             tx.put("networks", dict(net, pending="delete"))
-        self.net.network_upstream(network, "delete", caller.name)
+        self.net.network_upstream(key, "delete", caller.name)
 
     @staticmethod
     def _connected(view, network) -> dict[str, list[str]]:
@@ -443,11 +478,11 @@ class Service:
         return out
 
     def show_network(self, caller, view, network):
-        net = self._network(view, network)
+        net = self._resolve(view, caller, network)
         access = net.get("access")
         if access is not None and not caller.is_admin and not (caller.projects & set(access)):
             raise AuthorizationError("You do not have access to this network.")
-        connected = self._connected(view, network)
+        connected = self._connected(view, net["name"])
         if not caller.is_admin and net["owner"] not in caller.projects:
             connected = {
                 n: nics for n, nics in connected.items() if (view.node(n) or {}).get("project") in caller.projects
@@ -456,19 +491,26 @@ class Service:
             "access": access,
             "channels": net["channels"],
             "connected-nodes": connected,
-            "name": net["name"],
+            "name": netnames.local_name(net),
             "owner": net["owner"],
         }
 
     def list_networks(self, caller, view):
+        """By local name; an admin sees a local name two tenants share under each upstream name."""
+        nets = [n for n in view.all("networks")
+                if (caller.is_admin or n.get("access") is None) and not n.get("pending")]
+        counts: dict[str, int] = {}
+        for n in nets:
+            counts[netnames.local_name(n)] = counts.get(netnames.local_name(n), 0) + 1
         return {
-            n["name"]: {"network_id": n["net_id"], "projects": n.get("access")}
-            for n in view.all("networks")
-            if (caller.is_admin or n.get("access") is None) and not n.get("pending")
+            (netnames.local_name(n) if counts[netnames.local_name(n)] == 1 else n["name"]):
+                {"network_id": n["net_id"], "projects": n.get("access")}
+            for n in nets
         }
 
     def list_network_attachments(self, caller, view, network, project=None):
-        net = self._network(view, network)
+        net = self._resolve(view, caller, network)
+        network = net["name"]
         if project is not None:
             if project not in (net.get("access") or []):
                 raise AuthorizationError("You do not have access to this network.")
@@ -487,7 +529,7 @@ class Service:
 
     def network_grant_project_access(self, caller, network, project):
         with self.store.transaction(caller.name) as tx:
-            net = dict(self._network(tx, network))
+            net = dict(self._resolve(tx, caller, network))
             self._project(tx, project)
             caller.require_project(None if net["owner"] == "admin" else net["owner"])
             access = list(net.get("access") or [])
@@ -498,7 +540,7 @@ class Service:
 
     def network_revoke_project_access(self, caller, network, project):
         with self.store.transaction(caller.name) as tx:
-            net = dict(self._network(tx, network))
+            net = dict(self._resolve(tx, caller, network))
             self._project(tx, project)
             if not (caller.is_admin or net["owner"] in caller.projects or project in caller.projects):
                 raise AuthorizationError(NO_PROJECT_ACCESS)
@@ -534,10 +576,11 @@ class Service:
         with self.store.transaction(caller.name) as tx:
             doc = dict(self._node(tx, node))
             nic_doc = self._nic(doc, nic)
-            net = self._network(tx, network)
+            net = self._resolve(tx, caller, network, doc.get("project"))
             if not doc.get("project"):
                 raise ProjectMismatchError("Node not in project")
             caller.require_project(doc["project"])
+            network = net["name"]  # NIC maps and actions hold the key: the upstream's name when derived
             if self._pending(tx, node, nic):
                 raise BlockedError("A networking operation is already active on the nic.")
             if net.get("access") is not None and doc["project"] not in net["access"]:
@@ -571,7 +614,7 @@ class Service:
         with self.store.transaction(caller.name) as tx:
             doc = dict(self._node(tx, node))
             nic_doc = self._nic(doc, nic)
-            self._network(tx, network)
+            network = self._resolve(tx, caller, network, doc.get("project"))["name"]
             if not doc.get("project"):
                 raise ProjectMismatchError("Node not in project")
             caller.require_project(doc["project"])
@@ -606,7 +649,10 @@ class Service:
             raise NotFoundError("status_id not found")
         node = view.node(act["node"])
         caller.require_project((node or {}).get("project"))
-        return {k: act[k] for k in ("status", "node", "nic", "type", "channel", "new_network")}
+        shown = {k: act[k] for k in ("status", "node", "nic", "type", "channel", "new_network")}
+        if shown["new_network"] is not None:
+            shown["new_network"] = netnames.local_names(view).get(shown["new_network"], shown["new_network"])
+        return shown
 
     # -- users ----------------------------------------------------------------------------------------
     @staticmethod
