@@ -187,12 +187,21 @@ class BlobServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
+    def bind(self) -> BlobServer:
+        """Listen (connections wait in the backlog); no thread yet, so the caller may still fork."""
+        if self._server is None:
+            host, port = self.listen
+            try:
+                self._server = _Server((host, port), _Handler, self.blobs, self.token, self.workers, self.io_timeout)
+            except OSError as exc:
+                raise RhaasError(f"cannot listen for image downloads on {host}:{port}: {exc.strerror}") from None
+        return self
+
     def start(self) -> BlobServer:
-        host, port = self.listen
-        try:
-            self._server = _Server((host, port), _Handler, self.blobs, self.token, self.workers, self.io_timeout)
-        except OSError as exc:
-            raise RhaasError(f"cannot listen for image downloads on {host}:{port}: {exc.strerror}") from None
+        """Serve (binding first if :meth:`bind` was not called)."""
+        self.bind()
+        if self._thread is not None:
+            return self
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="rhaas-blob-listener", daemon=True
         )
@@ -204,11 +213,13 @@ class BlobServer:
         srv, self._server = self._server, None
         if srv is None:
             return
-        srv.shutdown()
+        if self._thread is not None:
+            srv.shutdown()
         srv.server_close()
         srv.pool.shutdown(wait=True, cancel_futures=True)
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
         self._stats = (srv.sent, srv.requests)
 
     def __enter__(self) -> Self:

@@ -45,11 +45,13 @@ def kexec_nodes(
     image_name: str | None = None,
     on_result: Callable[[KexecResult], None] | None = None,
     actor: str | None = None,
+    stats: dict | None = None,
 ) -> list[KexecResult]:
     """Provision ``names`` with ``image`` (None for ``exec`` mode); results in input order.
 
     The inventory is written twice: before any node is contacted (status provisioning, the
     nonce) and after all have finished (the results and one ``kexec`` event per node).
+    ``stats``, if given, receives ``origin_bytes``: what the run's image listener sent.
     """
     from rhaas.adapters import hostkeys
 
@@ -103,6 +105,7 @@ def kexec_nodes(
                 overlay_sha=hashlib.sha256(overlay).hexdigest(),
                 initrd_sha=combined.hexdigest(),
                 image=image_name,
+                index=len(jobs),
             )
         )
 
@@ -115,7 +118,8 @@ def kexec_nodes(
                 marked.append({**cur, "status": model.STATUS_PROVISIONING, "nonce": job.nonce, "updated": started})
         tx.put_nodes(marked)
 
-    ctx = Context(opts, image, pkey, settings, store)
+    origin, pull = _origin(image, opts, jobs) if jobs and opts.mode != "exec" else (None, None)
+    ctx = Context(opts, image, pkey, settings, store, pull=pull, after_fork=origin.start if origin else None)
     results: dict[str, KexecResult] = dict(early)
     for r in early.values():
         if on_result:
@@ -129,10 +133,37 @@ def kexec_nodes(
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if origin is not None:
+            origin.stop()
+            if stats is not None:
+                stats["origin_bytes"] = origin.bytes_sent
         _record(store, results, actor, opts.mode)
     if interrupted:
         raise KeyboardInterrupt
     return [results[d["name"]] for d in docs if d["name"] in results]
+
+
+def _origin(image: Image, opts: KexecOptions, jobs: list[Job]):
+    """The run's image listener (bound, not yet serving: its threads start once the workers are
+    forked) and the pull plan, or (None, None) when blob-listen is off."""
+    import secrets
+
+    from rhaas.adapters.blobserver import PREFIX, BlobServer
+    from rhaas.core.kexec.sources import Pull, peers_possible
+
+    if opts.blob_listen.strip().lower() == "off":
+        return None, None
+    files = {image.kernel.sha256: image.kernel.path, image.initrd.sha256: image.initrd.path}
+    server = BlobServer(files, opts.blob_listen, opts.blob_url, workers=max(2, min(16, opts.blob_fanout * 2)))
+    server.bind()
+    hosts = [j.endpoint.address.host for j in jobs]
+    peers = opts.blob_peers != "off" and peers_possible(hosts)
+    pull = Pull(
+        f"{server.base_url}{PREFIX}{server.token}", [j.doc["name"] for j in jobs], hosts, opts.blob_fanout, peers,
+        peer_port=secrets.SystemRandom().randrange(40000, 60000), peer_token=secrets.token_urlsafe(18),
+        run_id=secrets.token_hex(6), fetch_timeout=opts.blob_fetch_timeout, cache_dir=opts.cache_dir,
+    )
+    return server, pull
 
 
 def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str) -> None:

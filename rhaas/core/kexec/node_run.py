@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from rhaas.core.kexec.commands import Commands, cmdline_has
+from rhaas.core.kexec.commands import Commands, cmdline_has, parse_fetch
 from rhaas.core.kexec.plan import Context, Job, KexecResult
 from rhaas.errors import RhaasError
 
@@ -47,6 +47,15 @@ class NodeRun:
         self.last_poll_error: str | None = None
         self.result: KexecResult | None = None
         self.link = None
+        # staging (rhaas.core.kexec.sources): the open session, sources tried, what came from where
+        self.sess = None
+        self.stage_t0 = 0.0
+        self.tried: set[int] = set()
+        self.dropped: list[str] = []
+        self.fetched = 0
+        self.transfer: dict = {}
+        self.settled = False
+        self.serve = None
         self._next = self._load
 
     def step(self) -> float | None:
@@ -64,13 +73,22 @@ class NodeRun:
 
     # -- outcomes --------------------------------------------------------------------------------
     def _finish(self, outcome: str, boot_id: str | None, reason: str | None = None) -> None:
+        self._settle()
+        if self.serve is not None and self.ctx.pull is not None:
+            self.ctx.pull.sources.stop_serving(self.job.index)
+        self._close_sess()
+        if self.dropped:
+            self.transfer = {**self.transfer, "dropped": list(self.dropped)}
         self.result = KexecResult(
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
             fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
+            transfer=dict(self.transfer),
         )
         self.link = None
 
     def _failed(self, reason: str, fallback: bool = True) -> float | None:
+        self._settle()
+        self._close_sess()
         if self.kexec_reason is not None:  # the fallback itself failed
             return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; fallback failed: {reason}")
         if not (fallback and self.opts.fallback and self.opts.mode != "load"):
@@ -101,7 +119,8 @@ class NodeRun:
         t1 = time.monotonic()
         self.phases["connect"] = t1 - t0
         fire = self.opts.mode != "load"
-        with sess:
+        self.sess = sess  # closed by the end of this step, unless staging goes on with it
+        try:
             if self.opts.mode == "exec":
                 r = sess.run(Commands.fire_loaded())
                 boot_id, _, loaded = Commands.parse_load(r)
@@ -109,33 +128,33 @@ class NodeRun:
                 if not loaded:
                     return self._failed(f"no kernel loaded on the node: {r.why()}", fallback=False)
             else:
-                img, job = self.ctx.image, self.job
-                r = sess.run(Commands.load_cached(img.kernel.sha256, job.initrd_sha, job.cmdline, fire))
+                img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
+                r = sess.run(Commands.load_cached(img.kernel.sha256, job.initrd_sha, job.cmdline, fire, cache))
                 boot_id, cached, loaded = Commands.parse_load(r)
                 self.old_boot_id = boot_id
                 self.phases["stage"] = 0.0
                 if boot_id is None:
                     return self._failed(f"cannot read the boot id: {r.why()}")
                 if not cached:
-                    t2 = time.monotonic()
-                    self._stage(sess)
-                    t1 = time.monotonic()
-                    self.phases["stage"] = t1 - t2
-                    r = sess.run(
-                        Commands.combine_and_load(
-                            img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha,
-                            job.cmdline, fire, job.nonce,
-                        )
-                    )
-                    _, cached, loaded = Commands.parse_load(r)
-                    if not cached:
-                        return self._failed(f"cannot build the initrd on the node: {r.why()}")
+                    # staging keeps this session for its steps, which may wait for a source
+                    self.stage_t0 = time.monotonic()
+                    return self._stage_start()
+                self._settle()
+                self.transfer = {"path": "cache", "bytes": 0}
                 self.phases["load"] = time.monotonic() - t1
                 if not loaded:
                     return self._failed(f"kexec -l failed: {r.why()}")
-            # -1: the session dropped before its exit status came; the jump may have beaten it
-            if fire and r.exit not in (0, -1):
-                return self._failed(f"cannot start kexec -e: {r.why()}")
+            self._close_sess()
+            return self._loaded(r, fire)
+        except BaseException:
+            self._close_sess()
+            raise
+
+    def _loaded(self, r, fire: bool) -> float | None:
+        """``kexec -l`` done (and the jump started, with ``fire``): finish or start polling."""
+        # -1: the session dropped before its exit status came; the jump may have beaten it
+        if fire and r.exit not in (0, -1):
+            return self._failed(f"cannot start kexec -e: {r.why()}")
         if not fire:
             return self._finish("loaded", self.old_boot_id)
         self.fired_at = time.monotonic()
@@ -143,15 +162,149 @@ class NodeRun:
         self._next = self._poll
         return self.fired_at + self.opts.first_poll
 
+    # -- staging: pull over HTTP (origin or peers), or push over SFTP ---------------------------------
+    def _stage_start(self) -> float | None:
+        """The node lacks the image: the overlay (keys) goes over SSH, the rest is pulled if we can."""
+        job = self.job
+        try:
+            self.sess.makedirs(self.opts.cache_dir)
+            remote = Commands.cache_path(job.overlay_sha, self.opts.cache_dir)
+            if not self.sess.exists(remote):
+                self.uploaded += self.sess.put(job.overlay, remote)
+        except BaseException:
+            self._close_sess()
+            raise
+        if self.ctx.pull is None:
+            return self._push()
+        self._next = self._fetch
+        return time.monotonic()
+
+    def _close_sess(self) -> None:
+        sess, self.sess = self.sess, None
+        if sess is not None:
+            sess.close()
+
+    def _settle(self) -> None:
+        """This node no longer needs a source (once per node)."""
+        if not self.settled and self.ctx.pull is not None:
+            self.settled = True
+            self.ctx.pull.sources.settle(self.job.index)
+
+    def _fetch(self) -> float | None:
+        """Ask for a source; pull, verify, build the initrd and load in one command."""
+        from rhaas.core.kexec.sources import NONE, WAIT
+
+        pull, job, img = self.ctx.pull, self.job, self.ctx.image
+        src = pull.sources.acquire(job.index, self.tried)
+        if src == WAIT:
+            if time.monotonic() - self.stage_t0 > self.opts.command_timeout + pull.fetch_timeout:
+                self.dropped.append("no source became free in time")
+                return self._push()
+            return time.monotonic() + 0.05
+        if src == NONE:
+            return self._push()
+        serve = pull.serve_for(job.index)
+        fire = self.opts.mode != "load" and serve is None
+        cmd = Commands.fetch_and_load(
+            img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha, job.cmdline, fire, job.nonce,
+            [pull.base(src)], pull.fetch_timeout, self.opts.cache_dir, serve,
+        )
+        try:
+            r = self.sess.run(cmd, timeout=self.opts.command_timeout + 2 * pull.fetch_timeout)
+        except BaseException:
+            pull.sources.release(src, ok=True)  # our session failed, not the source
+            self._close_sess()
+            raise
+        said = parse_fetch(r)
+        if said["client"] in (None, "none") and not said["got"]:
+            pull.sources.release(src, ok=True)
+            self.dropped.append("no HTTP client on the node" if said["client"] == "none" else f"fetch: {r.why()}")
+            return self._push()
+        got = sum(n for _, _, n in said["got"])
+        if said["nosource"] or (said["bad"] and not said["got"]):
+            why = said["bad"][-1][1] if said["bad"] else "no answer"
+            pull.sources.release(src, ok=False)
+            self.tried.add(src)
+            self.dropped.append(f"{pull.label(src)}: {why}")
+            self.fetched += got
+            return time.monotonic()
+        pull.sources.release(src, ok=True)
+        self.fetched += got
+        self.transfer = {
+            "path": "origin" if src == pull.sources.origin else "peer",
+            "bytes": self.fetched, "source": pull.label(src),
+        }
+        self._settle()
+        _, cached, loaded = Commands.parse_load(r)
+        if not cached:
+            self._close_sess()
+            return self._failed(f"cannot build the initrd on the node: {r.why()}")
+        self.phases["stage"] = time.monotonic() - self.stage_t0
+        if not loaded:
+            self._close_sess()
+            return self._failed(f"kexec -l failed: {r.why()}")
+        self._close_sess()
+        if said["serving"]:
+            self.serve = serve
+            pull.sources.holds(job.index)
+            self._next = self._hold
+            return time.monotonic()
+        if serve is not None:  # loaded but could not serve: jump now, as a non-serving node
+            return self._release_and_fire(serve)
+        return self._loaded(r, fire)
+
+    def _hold(self) -> float | None:
+        """A serving node waits (holding no thread) until no node is left to fetch, then stops its
+        server and jumps."""
+        if not self.ctx.pull.sources.settled():
+            return time.monotonic() + 0.1
+        return self._release_and_fire(self.serve)
+
+    def _release_and_fire(self, serve) -> float | None:
+        self.ctx.pull.sources.stop_serving(self.job.index)
+        fire = self.opts.mode != "load"
+        with self._connect(self.opts.connect_timeout, self.opts.command_timeout) as sess:
+            r = sess.run(Commands.stop_serving(serve, fire))
+        if fire and Commands.LOADED not in [ln.strip() for ln in r.lines]:
+            return self._failed(f"kexec -e after serving: no kernel loaded: {r.why()}")
+        return self._loaded(r, fire)
+
+    def _push(self) -> float | None:
+        """Today's path: upload what the node lacks over SFTP, build the initrd, load (and fire)."""
+        img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
+        fire = self.opts.mode != "load"
+        try:
+            before = self.uploaded
+            self._stage(self.sess)
+            t1 = time.monotonic()
+            self.phases["stage"] = t1 - self.stage_t0
+            self.transfer = {"path": "sftp", "bytes": self.fetched + self.uploaded - before}
+            self._settle()
+            r = self.sess.run(
+                Commands.combine_and_load(
+                    img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha,
+                    job.cmdline, fire, job.nonce, cache,
+                )
+            )
+        finally:
+            self._close_sess()
+        _, cached, loaded = Commands.parse_load(r)
+        if not cached:
+            return self._failed(f"cannot build the initrd on the node: {r.why()}")
+        self.phases["load"] = time.monotonic() - t1
+        if not loaded:
+            return self._failed(f"kexec -l failed: {r.why()}")
+        return self._loaded(r, fire)
+
     def _stage(self, sess) -> None:
-        img, job = self.ctx.image, self.job
-        sess.makedirs(Commands.CACHE_DIR)
+        img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
+        sess.makedirs(cache)
         for sha, source in (
             (img.kernel.sha256, img.kernel.path),
             (img.initrd.sha256, img.initrd.path),
             (job.overlay_sha, job.overlay),
         ):
-            remote = Commands.cache_path(sha)
+            remote = Commands.cache_path(sha, cache)
             if not sess.exists(remote):
                 self.uploaded += sess.put(source, remote)
 

@@ -39,6 +39,13 @@ class KexecOptions:
     busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
     poll_lag: float = 2.0  # a due poll may wait this long behind nodes that have not started
     processes: int | None = None  # None: decided by the number of nodes and CPUs
+    # images at scale (settings node-cache-dir, blob-*): see rhaas.core.kexec.sources
+    cache_dir: str = "/run/rhaas"
+    blob_listen: str = "127.0.0.1"
+    blob_url: str | None = None
+    blob_fanout: int = 4
+    blob_peers: str = "auto"  # auto | off
+    blob_fetch_timeout: float = 60.0
 
     @classmethod
     def from_settings(
@@ -58,7 +65,22 @@ class KexecOptions:
             return typ(given or settings.get(key) or SETTINGS[key][1])
 
         connect = pick(connect_timeout, "connect-timeout", float)
+        from rhaas.core.kexec.commands import check_cache_dir
+
+        try:
+            cache_dir = check_cache_dir(pick(None, "node-cache-dir", str))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        peers = pick(None, "blob-peers", str)
+        if peers not in ("auto", "off"):
+            raise UsageError(f"blob-peers is auto or off, not {peers!r}")
         return cls(
+            cache_dir=cache_dir,
+            blob_listen=pick(None, "blob-listen", str),
+            blob_url=settings.get("blob-url") or None,
+            blob_fanout=pick(None, "blob-fanout", int),
+            blob_peers=peers,
+            blob_fetch_timeout=pick(None, "blob-fetch-timeout", float),
             mode=mode,
             timeout=pick(timeout, "timeout", float),
             connect_timeout=connect,
@@ -82,6 +104,8 @@ class KexecResult:
     finished: float = 0.0
     polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
     keep_status: bool = False  # refused before anything was asked of the node: only an event
+    # how the image reached the node: path cache|origin|peer|sftp, bytes, source, dropped sources
+    transfer: dict = field(default_factory=dict)
 
     def public(self) -> dict:
         """The stable JSON form (``rhaas kexec --json``)."""
@@ -93,6 +117,7 @@ class KexecResult:
             "boot_id": self.boot_id,
             "reason": self.reason,
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
+            "transfer": dict(self.transfer) if self.transfer else None,
         }
 
 
@@ -108,6 +133,7 @@ class Job:
     overlay_sha: str | None = None
     initrd_sha: str | None = None  # of the node's initrd: image initrd + overlay
     image: str | None = None
+    index: int = 0  # the node's place in the run (rhaas.core.kexec.sources)
 
 
 @dataclass
@@ -117,6 +143,8 @@ class Context:
     pkey: object
     settings: dict
     store: object
+    pull: object = None  # rhaas.core.kexec.sources.Pull when the image can be pulled over HTTP
+    after_fork: object = None  # called once the worker processes exist (starts the origin's threads)
 
 
 def new_nonce() -> str:
@@ -182,7 +210,7 @@ def plan(snapshot, names: Iterable[str], image: Image | None, opts: KexecOptions
                 kernel=image.kernel.path,
                 initrd=image.initrd.path,
                 cmdline=kernel_cmdline(image.append, "<nonce>"),
-                cache=f"/run/rhaas/{image.kernel.sha256}",
+                cache=f"{opts.cache_dir}/{image.kernel.sha256}",
             )
         if not doc.get("ssh"):
             step["reason"] = "no SSH address"

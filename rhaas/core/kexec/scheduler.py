@@ -52,6 +52,8 @@ def run_jobs(jobs: list[Job], ctx: Context) -> Iterator[KexecResult]:
         return
     procs = _process_count(len(jobs), ctx.opts)
     if procs == 1:
+        if ctx.after_fork:
+            ctx.after_fork()
         yield from _run_in_threads(jobs, ctx, max(1, min(ctx.opts.parallel, len(jobs))))
         return
     yield from _run_in_processes(jobs, ctx, procs)
@@ -85,6 +87,8 @@ def _run_in_processes(jobs: list[Job], ctx: Context, procs: int):
         p.start()
         send.close()
         children.append((p, recv, {j.doc["name"] for j in share}))
+    if ctx.after_fork:  # threads of the parent (the image listener) start only now that no fork is left
+        ctx.after_fork()
     open_pipes = {recv: (p, names) for p, recv, names in children}
     done: set[str] = set()
     try:
