@@ -198,11 +198,14 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
             if any(s["reason"] for s in steps):
                 sys.exit(1)
             return
+        stats: dict = {}
         with _Progress(len(names), opts.mode) as progress:
-            results = core.kexec_nodes(app.store, app.settings, names, img, opts, name, on_result=progress.update)
+            results = core.kexec_nodes(app.store, app.settings, names, img, opts, name, on_result=progress.update,
+                                       stats=stats)
     except RhaasError as exc:
         raise _fail_on(exc) from None
     _render(results, as_json)
+    _transfer_summary(results, stats, as_json)
     bad = [r for r in results if r.outcome not in OK_OUTCOMES]
     if bad:
         shown = ", ".join(f"{r.node} ({r.outcome})" for r in bad[:20]) + (
@@ -286,12 +289,42 @@ class _Progress:
             self.bar.stop()
 
 
+def _transfer_text(transfer: dict | None) -> str | None:
+    """``peer:sim-0003 64.0MB``, ``origin 64.0MB``, ``sftp 64.0MB``, ``cache``."""
+    if not transfer or not transfer.get("path"):
+        return None
+    path, n = transfer["path"], transfer.get("bytes") or 0
+    where = f"peer:{transfer.get('source')}" if path == "peer" else path
+    return where if path == "cache" else f"{where} {n / 1e6:.1f}MB"
+
+
+def _transfer_summary(results, stats: dict, as_json: bool) -> None:
+    """One stderr line for the run: the bytes the origin sent and how many nodes took each path."""
+    if "origin_bytes" not in stats:
+        return
+    paths: dict[str, int] = {}
+    for r in results:
+        if r.transfer.get("path"):
+            paths[r.transfer["path"]] = paths.get(r.transfer["path"], 0) + 1
+    fetched = sum(r.transfer.get("bytes") or 0 for r in results)
+    if as_json:
+        import json
+
+        doc = {"origin_bytes": stats["origin_bytes"], "node_bytes": fetched, "paths": paths}
+        click.echo(json.dumps({"rhaas_kexec_transfer": doc}, sort_keys=True), err=True)
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) or "none"
+    click.echo(f"rhaas: image transfer: origin sent {stats['origin_bytes']} bytes, nodes received {fetched} "
+               f"bytes; paths: {counts}", err=True)
+
+
 def _render(results, as_json: bool) -> None:
     if as_json:
         emit_json([r.public() for r in results])
         return
     rows = [
-        [r.node, r.outcome, r.image, (r.boot_id or "")[:8] or None, phases_text(r.phases) or None, r.reason]
+        [r.node, r.outcome, r.image, (r.boot_id or "")[:8] or None, phases_text(r.phases) or None,
+         _transfer_text(r.transfer), r.reason]
         for r in results
     ]
     if is_terminal():
@@ -299,7 +332,7 @@ def _render(results, as_json: bool) -> None:
         from rich.table import Table
 
         t = Table(show_edge=False, header_style="bold")
-        for c in ("node", "outcome", "image", "boot id", "phases (s)", "reason"):
+        for c in ("node", "outcome", "image", "boot id", "phases (s)", "transfer", "reason"):
             t.add_column(c, overflow="fold")
         for row in rows:
             style = "green" if row[1] in OK_OUTCOMES else "yellow" if row[1] == "fallback" else "red"
@@ -307,7 +340,7 @@ def _render(results, as_json: bool) -> None:
             t.add_row(*["" if v is None else str(v) for v in row])
         Console().print(t)
     else:
-        table(["node", "outcome", "image", "boot_id", "phases", "reason"], rows)
+        table(["node", "outcome", "image", "boot_id", "phases", "transfer", "reason"], rows)
 
 
 def _render_plan(steps: list[dict], as_json: bool) -> None:
