@@ -165,7 +165,7 @@ def main() -> int:
     from rhaas.adapters.hostkeys import ensure_client_key
     from rhaas.core.images import add_image, make_image
     from rhaas.model import new_node
-    from rhaas.sim.farm import launch
+    from rhaas.sim.control import launch
     from rhaas.store import Store
 
     n = int(os.environ.get("RHAAS_BENCH_NODES", "1000"))

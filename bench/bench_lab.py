@@ -89,7 +89,7 @@ def rhaas_kexec(home, *args) -> tuple[float, dict]:
 
 def bare_boot(node, kernel: str, initrd: str, append: str) -> float:
     """``kexec -e`` without rhaas: seconds from the jump to the new kernel's SSH banner."""
-    from rhaas.lab.vm import ssh_banner, ssh_run
+    from rhaas.lab.guestssh import ssh_banner, ssh_run
 
     nonce = "bare" + secrets.token_hex(4)
     old = node_state(node)[0]

@@ -2,11 +2,13 @@
 rhaas that owns them, and its `rhaas serve`), all on loopback.
 
 Only click is imported here; the lab itself (:mod:`rhaas.lab.stack`) is imported when a
-command runs.
+command runs.  The lab and its simulated node farm are the optional ``rhaas[lab]`` extra:
+without asyncssh every ``rhaas lab`` command stops with a one-line error (exit 2) naming it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -23,6 +25,16 @@ class LabCommandError(CommandError):
 
 def _say(msg: str) -> None:
     click.echo(f"rhaas lab: {msg}", err=True)
+
+
+def _require_extra() -> None:
+    """Stop with a one-line usage error (exit 2) unless the ``rhaas[lab]`` extra is installed."""
+    try:
+        found = importlib.util.find_spec("asyncssh") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise LabCommandError("the lab needs the optional extra: pip install 'rhaas[lab]'", exit_code=2)
 
 
 def _dir(value):
@@ -47,6 +59,7 @@ def lab():
       rhaas lab up --sim 8 --dir /tmp/simlab     # SIMULATED nodes, no QEMU needed
       rhaas lab down
     """
+    _require_extra()
 
 
 @lab.command("up")

@@ -80,7 +80,7 @@ class BMC:
     @classmethod
     def create(cls, name: str, bmc_dir: str | os.PathLike, port: int, password: str,
                node_dir: str | os.PathLike, python: str | None = None,
-               script: str | os.PathLike | None = None) -> "BMC":
+               script: str | os.PathLike | None = None) -> BMC:
         """Write the BMC's files.  ``script`` replaces the VM chassis script (e.g.
         :mod:`rhaas.lab.simchassis` for a state-only BMC); it is run as
         ``python SCRIPT NODE_DIR get|set ...``."""

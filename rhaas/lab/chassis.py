@@ -13,8 +13,8 @@ ipmi_sim runs ``<python> chassis.py NODE_DIR get|set PARAM [VALUE] ...``:
 Power cycle is ipmi_sim's own ``set power 0`` -> poll ``get power`` ->
 ``set power 1``.  Every call is logged to ``NODE_DIR/chassis.log``.
 
-Runs as a plain script: ``vm.py`` is loaded by file path so that nothing
-from the ``rhaas`` package (and its dependencies) is imported.
+Runs as a plain script: ``vm.py`` and ``hostproc.py`` are loaded by file path so
+that nothing from the ``rhaas`` package (and its dependencies) is imported.
 """
 
 from __future__ import annotations
@@ -25,13 +25,19 @@ import sys
 import time
 
 
-def _load_vm_module():
+def _load_by_path(name: str, filename: str):
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_rhaas_lab_vm", os.path.join(here, "vm.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(here, filename))
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[spec.name] = mod  # type: ignore[union-attr]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
+
+
+def _load_vm_module():
+    """vm.py and the hostproc.py it imports, by path (vm.py looks for ``_rhaas_lab_hostproc``)."""
+    _load_by_path("_rhaas_lab_hostproc", "hostproc.py")
+    return _load_by_path("_rhaas_lab_vm", "vm.py")
 
 
 def dispatch(op: str, args: list[str], chassis) -> tuple[int, list[str]]:

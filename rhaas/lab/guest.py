@@ -11,6 +11,10 @@ modules needed for networking.  One dropbear ed25519 host key is generated per
 cache directory and baked into every image, so a node keeps its host key
 across kexec and reset.
 
+The pieces: :mod:`rhaas.lab.debs` (packages), :mod:`rhaas.lab.guestroot` (the root file
+system and its scripts), :mod:`rhaas.lab.initrd` (overlays); this module is the recipe's
+cache and the public entry point :func:`build_guest`.
+
 Images are cached in ``cache_dir/images/<key>/`` where ``<key>`` is derived
 from the exact package versions and the recipe version; concurrent builders
 are serialised with ``flock`` on ``cache_dir/lock``.
@@ -21,77 +25,40 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import gzip
 import hashlib
 import json
 import os
-import re
-import shutil
-import stat
-import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Mapping, Union
 
-from rhaas.core.overlay import CpioEntry, write_newc
+from .debs import KERNEL_META, USER_PACKAGES, GuestBuildError, Log, download_debs, resolve_cached, unpack
+from .guestroot import (
+    DROPBEAR_RUN,
+    IMAGE_IDS,
+    INITTAB,
+    KEXEC_WRAPPER,
+    RC_SH,
+    STANDBY,
+    assemble_root,
+    ensure_host_key,
+    image_overlay,
+    pack_root,
+)
+from .initrd import FileSpec, append_overlay, atomic_write, authorized_keys_overlay, make_overlay
 
-from .vm import LabError
+__all__ = [
+    "IMAGE_IDS", "KERNEL_CMDLINE", "KERNEL_META", "RECIPE_VERSION", "STANDBY", "USER_PACKAGES", "FileSpec",
+    "GuestBuildError", "GuestImages", "append_overlay", "authorized_keys_overlay", "build_guest",
+    "default_cache_dir", "make_overlay",
+]
 
 #: Bump when the image layout / scripts change, to invalidate caches.
 RECIPE_VERSION = "5"
 
-IMAGE_IDS = ("standby", "second")
-STANDBY = "standby"
-
-KERNEL_META = "linux-image-cloud-amd64"
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=5"
 
-#: Packages besides the kernel.  The library packages are what kexec
-#: (via libxenctrl), dropbear and friends actually link against; the exact
-#: closure is resolved with the unpacked dynamic loader at build time.
-USER_PACKAGES = (
-    "busybox-static",
-    "kexec-tools",
-    "dropbear-bin",
-    "openssh-sftp-server",
-    "libc6",
-    # kexec -> libxenctrl and its dependencies
-    "libxenmisc4.17",
-    "libxentoollog1",
-    "libxencall1",
-    "libxenevtchn1",
-    "libxengnttab1",
-    "libxenforeignmemory1",
-    "libxendevicemodel1",
-    "libxentoolcore1",
-    # dropbear
-    "libtomcrypt1",
-    "libtommath1",
-    "libgmp10",
-    "zlib1g",
-    "libcrypt1",
-)
-
-#: Modules to load, roots only; dependencies are resolved with modinfo.
-MODULE_ROOTS = ("virtio_pci", "virtio_net", "virtio_rng")
-
-#: Binaries copied into the image: (path in unpacked tree, path in image).
-BINARIES = (
-    ("sbin/kexec", "usr/lib/rhaas/kexec"),  # /sbin/kexec is the KEXEC_WRAPPER script
-    ("usr/sbin/dropbear", "usr/sbin/dropbear"),
-    ("usr/bin/dropbearkey", "usr/bin/dropbearkey"),
-    ("usr/lib/openssh/sftp-server", "usr/lib/openssh/sftp-server"),
-)
-
-HOST_KEY_IMAGE_PATH = "etc/dropbear/dropbear_ed25519_host_key"
-LIBDIR = "usr/lib/x86_64-linux-gnu"
-
-Log = Callable[[str], None]
-
-
-class GuestBuildError(LabError):
-    """Raised when the guest image cannot be built."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,106 +101,12 @@ class GuestImages:
         }
 
 
-# ---------------------------------------------------------------------------
-# overlays (the newc writer is rhaas.core.overlay's)
-# ---------------------------------------------------------------------------
-
-FileSpec = Union[bytes, str, "tuple[bytes | str, int]"]
-
-
-def _overlay_bytes(files: Mapping[str, FileSpec], dirs: Mapping[str, int] | None,
-                   devices: Mapping[str, tuple[int, int, int]] | None = None) -> bytes:
-    dirs = {k.strip("/"): v for k, v in (dirs or {}).items()}
-    entries: list[CpioEntry] = []
-    seen_dirs: set[str] = set()
-
-    def add_parents(path: str) -> None:
-        parts = path.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in seen_dirs:
-                seen_dirs.add(d)
-                entries.append(CpioEntry(d, stat.S_IFDIR | dirs.get(d, 0o755)))
-
-    for d in sorted(dirs):
-        add_parents(d + "/x")
-    for path, spec in files.items():
-        path = path.strip("/")
-        if isinstance(spec, tuple):
-            data, mode = spec
-        else:
-            data, mode = spec, 0o644
-        if isinstance(data, str):
-            data = data.encode()
-        add_parents(path)
-        entries.append(CpioEntry(path, stat.S_IFREG | mode, data))
-    for path, (mode, major, minor) in (devices or {}).items():
-        path = path.strip("/")
-        add_parents(path)
-        entries.append(CpioEntry(path, stat.S_IFCHR | mode, b"", (major, minor)))
-    return gzip.compress(write_newc(entries), compresslevel=6, mtime=0)
-
-
-def make_overlay(files: Mapping[str, FileSpec], out: Union[str, os.PathLike, BinaryIO, None] = None,
-                 *, dirs: Mapping[str, int] | None = None) -> bytes:
-    """Write a gzipped newc cpio archive holding ``files`` and return its bytes.
-
-    ``files`` maps a path inside the guest (``"root/.ssh/authorized_keys"``)
-    to its content, or to ``(content, mode)``; the default mode is 0644.
-    Parent directories are emitted automatically with mode 0755 unless
-    ``dirs`` gives a mode (e.g. ``{"root/.ssh": 0o700}``).  Linux accepts such
-    an archive appended to an initramfs (``cat base overlay > new``); later
-    entries replace earlier ones.  ``out`` may be a path or a binary file.
-    """
-    data = _overlay_bytes(files, dirs)
-    if out is not None:
-        if hasattr(out, "write"):
-            out.write(data)  # type: ignore[union-attr]
-        else:
-            _atomic_write(Path(out), data)
-    return data
-
-
-def authorized_keys_overlay(pubkey: str | bytes) -> bytes:
-    """Overlay that installs ``pubkey`` as root's only authorized key."""
-    if isinstance(pubkey, bytes):
-        pubkey = pubkey.decode()
-    return _overlay_bytes(
-        {"root/.ssh/authorized_keys": (pubkey.strip() + "\n", 0o600)},
-        {"root": 0o700, "root/.ssh": 0o700})
-
-
-def append_overlay(base: Path, overlay: bytes, out: Path) -> Path:
-    """Write ``base`` + ``overlay`` to ``out`` atomically."""
-    _atomic_write(out, base.read_bytes() + overlay)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
-
 def default_cache_dir() -> Path:
     env = os.environ.get("RHAAS_LAB_CACHE")
     if env:
         return Path(env).expanduser()
     return Path("~/.cache/rhaas/lab").expanduser()
 
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -246,420 +119,6 @@ def _locked(path: Path):
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-    except FileNotFoundError as e:
-        raise GuestBuildError(f"{cmd[0]} not found; install the Debian tools (apt, dpkg, cpio)") from e
-    except subprocess.CalledProcessError as e:
-        raise GuestBuildError(f"{' '.join(cmd)} failed ({e.returncode}): {e.stderr.strip()[-2000:]}") from e
-
-
-def resolve_kernel_package() -> str:
-    """Current ``linux-image-6.1.0-NN-cloud-amd64`` from the meta package."""
-    out = _run(["apt-cache", "depends", KERNEL_META]).stdout
-    m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out)
-    if not m:
-        raise GuestBuildError(f"cannot find the kernel package behind {KERNEL_META}: {out!r}")
-    return m.group(1)
-
-
-def resolve_versions(packages: Iterable[str]) -> dict[str, str]:
-    """Candidate version of each package, via apt-cache."""
-    packages = list(packages)
-    out = _run(["apt-cache", "show", "--no-all-versions", *packages]).stdout
-    found: dict[str, str] = {}
-    pkg = None
-    for line in out.splitlines():
-        if line.startswith("Package:"):
-            pkg = line.split(":", 1)[1].strip()
-        elif line.startswith("Version:") and pkg and pkg not in found:
-            found[pkg] = line.split(":", 1)[1].strip()
-    missing = [p for p in packages if p not in found]
-    if missing:
-        raise GuestBuildError(f"apt-cache knows no version of: {', '.join(missing)}"
-                              " (run apt-get update?)")
-    return found
-
-
-def _apt_stamp() -> str:
-    """Changes whenever apt's view of the archive may have changed."""
-    parts = []
-    for d in ("/var/lib/apt/lists", "/etc/apt", "/etc/apt/sources.list.d",
-              "/etc/apt/preferences.d"):
-        with contextlib.suppress(OSError):
-            parts.append(f"{d}:{os.stat(d).st_mtime_ns}")
-    with contextlib.suppress(OSError):
-        for e in os.scandir("/var/lib/apt/lists"):
-            parts.append(f"{e.name}:{e.stat().st_mtime_ns}")
-    parts.append(" ".join(USER_PACKAGES) + KERNEL_META)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _resolve_cached(cache_dir: Path) -> tuple[str, dict[str, str]]:
-    """Kernel package + versions; memoised per apt state (apt-cache is ~1 s a call)."""
-    memo = cache_dir / "resolved.json"
-    stamp = _apt_stamp()
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        data = json.loads(memo.read_text())
-        if data["stamp"] == stamp:
-            return data["kernel_package"], data["versions"]
-    kpkg = resolve_kernel_package()
-    versions = resolve_versions([kpkg, *USER_PACKAGES])
-    _atomic_write(memo, json.dumps({"stamp": stamp, "kernel_package": kpkg,
-                                    "versions": versions}, indent=1).encode())
-    return kpkg, versions
-
-
-def _deb_name(pkg: str, version: str) -> str:
-    return f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
-
-
-def download_debs(versions: Mapping[str, str], debs_dir: Path, log: Log) -> dict[str, Path]:
-    """``apt-get download`` every pkg=version not already in ``debs_dir``."""
-    debs_dir.mkdir(parents=True, exist_ok=True)
-    result = {p: debs_dir / _deb_name(p, v) for p, v in versions.items()}
-    missing = [p for p, path in result.items() if not path.exists()]
-    if missing:
-        log(f"downloading {len(missing)} packages")
-        with tempfile.TemporaryDirectory(dir=debs_dir, prefix=".dl-") as tmp:
-            os.chmod(tmp, 0o755)  # let apt's _apt user write if we run as root
-            _run(["apt-get", "download", "-q", *(f"{p}={versions[p]}" for p in missing)], cwd=tmp)
-            got = os.listdir(tmp)
-            for p in missing:
-                prefix = p + "_"
-                cands = [f for f in got if f.startswith(prefix) and f.endswith(".deb")]
-                if len(cands) != 1:
-                    raise GuestBuildError(f"apt-get download gave {cands} for {p}")
-                os.replace(os.path.join(tmp, cands[0]), result[p])
-    return result
-
-
-def _unpack(debs: Iterable[Path], root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for deb in debs:
-        _run(["dpkg", "-x", str(deb), str(root)])
-
-
-def _loader(tree: Path) -> Path:
-    for cand in ("lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-                 "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"):
-        p = tree / cand
-        if p.exists():
-            return p
-    raise GuestBuildError("ld-linux-x86-64.so.2 not found in unpacked libc6")
-
-
-def _libpath(tree: Path) -> str:
-    return ":".join(str(tree / d) for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"))
-
-
-def _run_unpacked(tree: Path, binary: str, *args: str) -> subprocess.CompletedProcess:
-    """Run a dynamically linked binary from the unpacked tree with its own libc."""
-    return _run([str(_loader(tree)), "--library-path", _libpath(tree), str(tree / binary), *args])
-
-
-def _needed_libs(tree: Path, binary: Path) -> list[Path]:
-    out = _run([str(_loader(tree)), "--library-path", _libpath(tree), "--list", str(binary)]).stdout
-    libs = []
-    for line in out.splitlines():
-        line = line.strip()
-        if "not found" in line:
-            raise GuestBuildError(f"{binary.name}: unresolved library: {line}")
-        m = re.match(r"(\S+) => (\S+) \(", line)
-        if m and not m.group(1).startswith("linux-vdso"):
-            libs.append(Path(m.group(2)))
-    return libs
-
-
-def _module_order(tree: Path, kver: str, roots: Iterable[str]) -> list[Path]:
-    """Depth-first dependency order of ``roots`` using ``modinfo -F depends``."""
-    moddir = tree / "lib/modules" / kver
-    index: dict[str, Path] = {}
-    for ko in moddir.rglob("*.ko*"):
-        name = ko.name.split(".ko")[0].replace("-", "_")
-        index.setdefault(name, ko)
-    builtin = set()
-    bfile = moddir / "modules.builtin"
-    if bfile.exists():
-        for line in bfile.read_text().splitlines():
-            builtin.add(Path(line).name.split(".ko")[0].replace("-", "_"))
-    order: list[Path] = []
-    done: set[str] = set()
-
-    def visit(name: str, stack: tuple[str, ...]) -> None:
-        name = name.replace("-", "_")
-        if name in done or name in builtin:
-            return
-        if name in stack:
-            raise GuestBuildError(f"module dependency cycle: {stack + (name,)}")
-        ko = index.get(name)
-        if ko is None:
-            raise GuestBuildError(f"module {name} not found in {moddir}")
-        deps = _run(["modinfo", "-F", "depends", str(ko)]).stdout.strip()
-        for dep in filter(None, deps.split(",")):
-            visit(dep, stack + (name,))
-        done.add(name)
-        order.append(ko)
-
-    for r in roots:
-        visit(r, ())
-    for ko in order:
-        if ko.name.endswith((".ko.xz", ".ko.zst", ".ko.gz")):
-            raise GuestBuildError(f"compressed module {ko.name}: busybox insmod cannot load it")
-    return order
-
-
-# ---------------------------------------------------------------------------
-# host key
-# ---------------------------------------------------------------------------
-
-def _ensure_host_key(cache_dir: Path, tree: Path | None, log: Log) -> tuple[Path, str]:
-    """One dropbear ed25519 host key per cache dir, plus its OpenSSH public line."""
-    keydir = cache_dir / "hostkey"
-    key = keydir / "dropbear_ed25519_host_key"
-    pub = keydir / "host_key.pub"
-    if key.exists() and pub.exists():
-        return key, pub.read_text().strip()
-    if tree is None:
-        raise GuestBuildError("host key missing and no unpacked dropbear available")
-    keydir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keydir, 0o700)
-    if not key.exists():
-        log("generating dropbear ed25519 host key")
-        tmp = keydir / f".key.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        _run_unpacked(tree, "usr/bin/dropbearkey", "-t", "ed25519", "-f", str(tmp))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, key)
-    out = _run_unpacked(tree, "usr/bin/dropbearkey", "-y", "-f", str(key)).stdout
-    line = next((ln.strip() for ln in out.splitlines() if ln.startswith("ssh-ed25519 ")), None)
-    if not line:
-        raise GuestBuildError(f"dropbearkey -y gave no public key: {out!r}")
-    line = " ".join(line.split()[:2])  # drop the "root@host" comment
-    _atomic_write(pub, (line + "\n").encode())
-    return key, line
-
-
-# ---------------------------------------------------------------------------
-# image contents
-# ---------------------------------------------------------------------------
-
-INITTAB = """\
-::sysinit:/etc/rc.sh
-::respawn:/usr/sbin/rhaas-dropbear
-ttyS0::respawn:-/bin/sh -l
-::ctrlaltdel:/bin/reboot
-::shutdown:/bin/sync
-"""
-
-RC_SH = r"""#!/bin/sh
-# rhaas lab guest init script (runs once from busybox init).
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts
-mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/lock /tmp
-chmod 1777 /tmp
-
-while read -r mod; do
-    [ -n "$mod" ] || continue
-    insmod "/lib/modules/$mod.ko" || echo "rhaas: insmod $mod failed"
-done < /etc/modules.order
-
-image=$(cat /etc/rhaas-image)
-ipspec=
-host="rhaas-$image"
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        rhaas_ip=*|rhaas.ip=*) ipspec=${arg#*=} ;;
-        rhaas.hostname=*) host=${arg#*=} ;;
-    esac
-done
-hostname "$host"
-ip link set lo up
-
-i=0
-while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do
-    usleep 50000
-    i=$((i + 1))
-done
-
-if [ -n "$ipspec" ]; then
-    addr=${ipspec%%,*}
-    gw=
-    case "$ipspec" in *,*) gw=${ipspec#*,} ;; esac
-else
-    addr=10.0.2.15/24
-    gw=10.0.2.2
-fi
-ip addr add "$addr" dev eth0
-ip link set eth0 up
-[ -n "$gw" ] && ip route add default via "$gw"
-
-echo "RHAAS-READY image=$image uptime=$(cut -d' ' -f1 /proc/uptime) boot_id=$(cat /proc/sys/kernel/random/boot_id) cmdline=$(cat /proc/cmdline)"
-"""
-
-#: dropbear, held back while a ``kexec -e`` is under way (see KEXEC_WRAPPER).
-DROPBEAR_RUN = """\
-#!/bin/sh
-while [ -e /run/rhaas-kexec-firing ]; do sleep 1; done
-exec /usr/sbin/dropbear -F -E -s -j -k -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
-"""
-
-#: /sbin/kexec, a wrapper around the real binary (``/usr/lib/rhaas/kexec``).  On a loaded
-#: 2-core host an emulated guest can take a while between ``kexec -e`` being asked for and
-#: the jump, and its old sshd keeps accepting logins meanwhile: a client polling for the new
-#: kernel then authenticates against a kernel that vanishes mid-handshake (on hardware the
-#: jump follows at once).  For ``-e``/``--exec`` the wrapper stops the listening dropbear
-#: first (it is not respawned while ``/run/rhaas-kexec-firing`` exists), lets sessions
-#: already open finish (at most 3 s), then jumps; if the jump fails, dropbear comes back.
-#: Everything else goes straight to the real binary.
-KEXEC_WRAPPER = """\
-#!/bin/sh
-real=/usr/lib/rhaas/kexec
-fire=
-for a in "$@"; do
-    case "$a" in -e|--exec) fire=1 ;; esac
-done
-[ -n "$fire" ] || exec $real "$@"
-[ "$(cat /sys/kernel/kexec_loaded 2>/dev/null)" = 1 ] || exec $real "$@"
-: > /run/rhaas-kexec-firing
-for p in $(pidof dropbear); do
-    [ "$(cut -d' ' -f4 /proc/$p/stat 2>/dev/null)" = 1 ] && kill "$p"
-done
-i=0
-while pidof dropbear >/dev/null && [ $i -lt 30 ]; do
-    usleep 100000
-    i=$((i + 1))
-done
-$real "$@"
-rc=$?
-rm -f /run/rhaas-kexec-firing
-exit $rc
-"""
-
-PROFILE = """\
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PS1='\\h:\\w\\$ '
-"""
-
-
-def _assemble_root(tree: Path, root: Path, kver: str, host_key: Path, log: Log) -> None:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", LIBDIR, "usr/lib/openssh", "usr/lib/rhaas", "lib",
-              "lib64", "lib/modules", "etc/dropbear", "root/.ssh", "proc", "sys", "dev",
-              "run", "tmp", "var/log", "mnt"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    os.chmod(root / "root", 0o700)
-    os.chmod(root / "root/.ssh", 0o700)
-    os.chmod(root / "tmp", 0o1777)
-    os.symlink("../run", root / "var/run")
-    os.symlink("../usr/lib/x86_64-linux-gnu", root / "lib/x86_64-linux-gnu")
-
-    # busybox and its applets
-    bb = tree / "bin/busybox"
-    shutil.copy2(bb, root / "bin/busybox")
-    applets = _run([str(bb), "--list"]).stdout.split()
-    for a in applets:
-        if a in ("busybox",) or "/" in a:
-            continue
-        link = root / "bin" / a
-        if not link.exists():
-            os.symlink("busybox", link)
-    os.symlink("bin/busybox", root / "init")
-
-    # dynamic binaries and their library closure
-    libs: set[Path] = set()
-    for src, dst in BINARIES:
-        s = tree / src
-        if not s.exists():
-            raise GuestBuildError(f"{src} missing from the unpacked packages")
-        shutil.copy2(s, root / dst)
-        libs.update(_needed_libs(tree, s))
-    for lib in sorted(libs):
-        real = lib.resolve()
-        shutil.copy2(real, root / LIBDIR / lib.name)
-    ld = _loader(tree).resolve()
-    shutil.copy2(ld, root / LIBDIR / "ld-linux-x86-64.so.2")
-    os.symlink("../usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-               root / "lib64/ld-linux-x86-64.so.2")
-    os.symlink("openssh/sftp-server", root / "usr/lib/sftp-server")
-
-    # modules in dependency order
-    order = _module_order(tree, kver, MODULE_ROOTS)
-    names = []
-    for ko in order:
-        name = ko.name[: -len(".ko")]
-        shutil.copy2(ko, root / "lib/modules" / ko.name)
-        names.append(name)
-    log("modules: " + " ".join(names))
-
-    etc = root / "etc"
-    files = {
-        "passwd": "root:x:0:0:root:/root:/bin/sh\n",
-        "shadow": "root:*:19000:0:99999:7:::\n",
-        "group": "root:x:0:\n",
-        "shells": "/bin/sh\n/bin/ash\n",
-        "inittab": INITTAB,
-        "profile": PROFILE,
-        "hosts": "127.0.0.1 localhost\n",
-        "ld.so.conf": "/usr/lib/x86_64-linux-gnu\n",
-        "modules.order": "\n".join(names) + "\n",
-        "rc.sh": RC_SH,
-        "rhaas-image": STANDBY + "\n",
-    }
-    for name, text in files.items():
-        (etc / name).write_text(text)
-    os.chmod(etc / "rc.sh", 0o755)
-    for path, text in (("sbin/kexec", KEXEC_WRAPPER), ("usr/sbin/rhaas-dropbear", DROPBEAR_RUN)):
-        (root / path).write_text(text)
-        os.chmod(root / path, 0o755)
-    os.chmod(etc / "shadow", 0o600)
-    (root / "root/.ssh/authorized_keys").write_text("")
-    os.chmod(root / "root/.ssh/authorized_keys", 0o600)
-    shutil.copyfile(host_key, root / HOST_KEY_IMAGE_PATH)
-    os.chmod(root / HOST_KEY_IMAGE_PATH, 0o600)
-
-    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
-    try:
-        _run([ldconfig, "-r", str(root)])
-    except GuestBuildError as e:  # not fatal: the loader's default path finds LIBDIR
-        log(f"warning: {e}")
-
-
-def _pack(root: Path) -> bytes:
-    """``find . | cpio -o -H newc --owner=0:0``, gzipped."""
-    names = ["."]
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        for n in sorted(dirnames) + sorted(filenames):
-            names.append(os.path.join(rel, n) if rel != "." else "./" + n)
-    try:
-        proc = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "--owner=0:0"],
-                              input=("\n".join(names) + "\n").encode(), cwd=root,
-                              capture_output=True, check=True)
-    except FileNotFoundError as e:
-        raise GuestBuildError("cpio not found (Debian package: cpio)") from e
-    except subprocess.CalledProcessError as e:
-        raise GuestBuildError(f"cpio failed: {e.stderr.decode()[-2000:]}") from e
-    return gzip.compress(proc.stdout, compresslevel=6, mtime=0)
-
-
-def _image_overlay(image_id: str) -> bytes:
-    """Per-image part: the image id, and /dev/console (cpio as non-root cannot mknod)."""
-    return _overlay_bytes({"etc/rhaas-image": image_id + "\n"}, {"dev": 0o755},
-                          devices={"dev/console": (0o600, 5, 1)})
-
-
-# ---------------------------------------------------------------------------
-# public entry point
-# ---------------------------------------------------------------------------
 
 def _cache_key(versions: Mapping[str, str]) -> str:
     h = hashlib.sha256()
@@ -708,7 +167,7 @@ def build_guest(cache_dir: str | os.PathLike | None = None,
 
     with _locked(cache_dir / "lock"):
         try:
-            kpkg, versions = _resolve_cached(cache_dir)
+            kpkg, versions = resolve_cached(cache_dir)
         except GuestBuildError as e:
             # offline / no apt lists: fall back to the newest complete build
             fallback = _newest_build(cache_dir)
@@ -746,7 +205,7 @@ def build_guest(cache_dir: str | os.PathLike | None = None,
                 if not (target.exists() and stamp.exists()
                         and stamp.read_text() == str(path.stat().st_mtime_ns)):
                     append_overlay(path, ov, target)
-                    _atomic_write(stamp, str(path.stat().st_mtime_ns).encode())
+                    atomic_write(stamp, str(path.stat().st_mtime_ns).encode())
                 initrds[image_id] = target
 
         return GuestImages(
@@ -764,22 +223,22 @@ def _build(cache_dir: Path, build: Path, kpkg: str, versions: Mapping[str, str],
         tree = Path(tmp) / "unpacked"
         root = Path(tmp) / "root"
         log("unpacking packages")
-        _unpack(debs.values(), tree)
+        unpack(debs.values(), tree)
         vmlinuz = sorted((tree / "boot").glob("vmlinuz-*"))
         if len(vmlinuz) != 1:
             raise GuestBuildError(f"expected one vmlinuz in {kpkg}, got {vmlinuz}")
         kver = vmlinuz[0].name[len("vmlinuz-"):]
-        host_key, host_pub = _ensure_host_key(cache_dir, tree, log)
-        _assemble_root(tree, root, kver, host_key, log)
+        host_key, host_pub = ensure_host_key(cache_dir, tree, log)
+        assemble_root(tree, root, kver, host_key, log)
         log("packing initramfs")
-        base = _pack(root)
+        base = pack_root(root)
 
         build.mkdir(parents=True, exist_ok=True)
-        _atomic_write(build / "vmlinuz", vmlinuz[0].read_bytes())
+        atomic_write(build / "vmlinuz", vmlinuz[0].read_bytes())
         initrds = {}
         for image_id in IMAGE_IDS:
             name = f"initrd-{image_id}.cpio.gz"
-            _atomic_write(build / name, base + _image_overlay(image_id))
+            atomic_write(build / name, base + image_overlay(image_id))
             initrds[image_id] = name
         manifest = {
             "kernel": "vmlinuz",
@@ -791,6 +250,7 @@ def _build(cache_dir: Path, build: Path, kpkg: str, versions: Mapping[str, str],
             "built_at": time.time(),
             "build_seconds": round(time.monotonic() - t0, 2),
         }
-        _atomic_write(build / "manifest.json", json.dumps(manifest, indent=2).encode())
+        atomic_write(build / "manifest.json", json.dumps(manifest, indent=2).encode())
     log(f"built guest in {time.monotonic() - t0:.1f}s: {build}")
     return manifest
+

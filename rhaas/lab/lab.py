@@ -27,13 +27,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import guest as guestmod
 from .bmc import BMC, IPMI_USER, ipmi_connection, read_password_file, write_password_file
-from .vm import (VM, LabError, VMConfig, free_port, kill_pid, mac_for, pid_matches,
-                 require_tool, ssh_banner, ssh_connect, ssh_run)
+from .guestssh import ssh_banner, ssh_connect, ssh_run
+from .vm import VM, LabError, VMConfig, free_port, kill_pid, mac_for, pid_matches, require_tool
 
 LAB_JSON = "lab.json"
 Log = Callable[[str], None]
@@ -136,7 +136,7 @@ class LabNode:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "LabNode":
+    def from_json(cls, d: dict) -> LabNode:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -168,7 +168,7 @@ class Lab:
     def up(cls, n: int = 1, firmware_delay: float = 0.0, dir: str | os.PathLike | None = None,
            *, cache_dir: str | os.PathLike | None = None, memory_mb: int = 256,
            wait: bool = True, ssh_timeout: float | None = None,
-           log: Log | None = None) -> "Lab":
+           log: Log | None = None) -> Lab:
         """Start ``n`` nodes; returns the :class:`Lab` once all answer SSH."""
         log = log or (lambda msg: None)
         if n < 1:
@@ -201,7 +201,7 @@ class Lab:
                            mac=mac_for(name, str(d)), kernel=str(images.kernel),
                            initrds={k: str(v) for k, v in images.initrds.items()},
                            standby_image=guestmod.STANDBY, memory_mb=memory_mb,
-                           firmware_delay_ms=int(round(firmware_delay * 1000)),
+                           firmware_delay_ms=round(firmware_delay * 1000),
                            cmdline=guestmod.KERNEL_CMDLINE)
             vm = VM.create(cfg, boot_device="pxe")
             BMC.create(name, node_dir / "bmc", ipmi_port, password, node_dir)

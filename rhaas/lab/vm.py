@@ -23,7 +23,8 @@ power-on and reset pay it while kexec does not.
 
 This module must stay importable on its own (the chassis-control script loads
 it by path, without the ``rhaas`` package), so it only imports the standard
-library at module level.
+library and :mod:`rhaas.lab.hostproc` (loaded by path there too) at module level.
+SSH to the guest is :mod:`rhaas.lab.guestssh`.
 """
 
 from __future__ import annotations
@@ -35,136 +36,51 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+try:
+    from .hostproc import (
+        LabError,
+        MissingToolError,
+        atomic_write_text,
+        free_port,
+        kill_pid,
+        mac_for,
+        pid_alive,
+        pid_cmdline,
+        pid_matches,
+        proc_list,
+        read_pidfile,
+        require_tool,
+    )
+except ImportError:  # loaded by file path (chassis.py), which has loaded hostproc.py the same way
+    from _rhaas_lab_hostproc import (  # type: ignore[no-redef]
+        LabError,
+        MissingToolError,
+        atomic_write_text,
+        free_port,
+        kill_pid,
+        mac_for,
+        pid_alive,
+        pid_cmdline,
+        pid_matches,
+        proc_list,
+        read_pidfile,
+        require_tool,
+    )
+
+__all__ = [
+    "DEFAULT_CMDLINE", "QEMU_BINARY", "VM", "LabError", "MissingToolError", "VMConfig", "free_port", "kill_pid",
+    "mac_for", "pid_alive", "pid_cmdline", "pid_matches", "proc_list", "read_pidfile", "require_tool",
+]
 
 QEMU_BINARY = "qemu-system-x86_64"
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=5"
 READY_RE = re.compile(rb"RHAAS-READY image=(\S+)")
-
-
-class LabError(RuntimeError):
-    """Something in the lab failed."""
-
-
-class MissingToolError(LabError):
-    """A host program the lab needs is not installed."""
-
-
-def require_tool(name: str, package: str) -> str:
-    """Absolute path of ``name`` or a :class:`MissingToolError` naming the Debian package."""
-    path = shutil.which(name)
-    if not path:
-        raise MissingToolError(
-            f"{name} not found on PATH: install the Debian package {package} "
-            f"(apt-get install -y --no-install-recommends {package})")
-    return path
-
-
-# ---------------------------------------------------------------------------
-# process helpers (PIDs we started; never by name)
-# ---------------------------------------------------------------------------
-
-def pid_alive(pid: int | None) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return False
-    state = data[data.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X", b"")
-
-
-def proc_list(pid: int, name: str) -> list[str]:
-    """A NUL-separated /proc/PID file (cmdline, environ) as strings; [] if unreadable."""
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as fh:
-            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def pid_cmdline(pid: int) -> list[str]:
-    return proc_list(pid, "cmdline")
-
-
-def pid_matches(pid: int | None, marker: str) -> bool:
-    """True if ``pid`` is alive and its command line mentions ``marker``."""
-    if not pid_alive(pid):
-        return False
-    return any(marker in arg for arg in pid_cmdline(pid))  # type: ignore[arg-type]
-
-
-def kill_pid(pid: int | None, marker: str, timeout: float = 5.0) -> bool:
-    """SIGTERM then SIGKILL ``pid``, only if it still matches ``marker``.
-
-    Returns True if a matching process was found (and is now gone).
-    """
-    if not pid_matches(pid, marker):
-        return False
-    assert pid is not None
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                _reap(pid)
-                return True
-            time.sleep(0.02)
-    if pid_alive(pid):
-        raise LabError(f"process {pid} did not die")
-    return True
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if ``pid`` happens to be our child (no zombie left)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def read_pidfile(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def free_port(kind: int = socket.SOCK_STREAM, avoid: set[int] | None = None) -> int:
-    """A currently free loopback port (TCP by default, UDP with SOCK_DGRAM)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not avoid or port not in avoid:
-            if avoid is not None:
-                avoid.add(port)
-            return port
-    raise LabError("no free port found")
-
-
-def mac_for(name: str, salt: str = "") -> str:
-    """Stable locally administered MAC in QEMU's 52:54:00 range."""
-    import hashlib
-    h = hashlib.sha256(f"{salt}/{name}".encode()).digest()
-    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
 
 
 # ---------------------------------------------------------------------------
@@ -186,7 +102,7 @@ class VMConfig:
     qemu: str = QEMU_BINARY
 
     @classmethod
-    def load(cls, path: Path) -> "VMConfig":
+    def load(cls, path: Path) -> VMConfig:
         data = json.loads(path.read_text())
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
@@ -201,14 +117,14 @@ class VM:
 
     # -- creation ---------------------------------------------------------
     @classmethod
-    def create(cls, config: VMConfig, boot_device: str = "pxe") -> "VM":
+    def create(cls, config: VMConfig, boot_device: str = "pxe") -> VM:
         d = Path(config.node_dir).resolve()
         if any(c in str(d) for c in " \t\n'\""):
             raise LabError(f"node directory must not contain blanks or quotes: {d}")
         d.mkdir(parents=True, exist_ok=True)
         config.node_dir = str(d)
-        _atomic_write_text(d / "vm.json", json.dumps(dataclasses.asdict(config), indent=2))
-        _atomic_write_text(d / "bootdev", boot_device + "\n")
+        atomic_write_text(d / "vm.json", json.dumps(dataclasses.asdict(config), indent=2))
+        atomic_write_text(d / "bootdev", boot_device + "\n")
         return cls(d)
 
     # -- paths ------------------------------------------------------------
@@ -254,7 +170,7 @@ class VM:
             return "pxe"
 
     def set_boot_device(self, device: str) -> None:
-        _atomic_write_text(self.dir / "bootdev", device.strip() + "\n")
+        atomic_write_text(self.dir / "bootdev", device.strip() + "\n")
 
     def set_disk_image(self, image_id: str | None) -> None:
         """Pin what a disk boot starts (``None`` returns to the console-log rule)."""
@@ -265,7 +181,7 @@ class VM:
             return
         if image_id not in self.config.initrds:
             raise LabError(f"unknown image {image_id!r}; have {sorted(self.config.initrds)}")
-        _atomic_write_text(p, image_id + "\n")
+        atomic_write_text(p, image_id + "\n")
 
     def last_reported_image(self) -> str | None:
         """Image id of the last ``RHAAS-READY`` line on the console."""
@@ -361,7 +277,7 @@ class VM:
         with open(self.dir / "qemu.log", "ab") as log:
             log.write(f"--- {time.strftime('%F %T')} start image={image_id}\n".encode())
             log.flush()
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                   cwd=self.dir, timeout=60)
         if proc.returncode != 0:
             raise LabError(f"{self.name}: qemu failed to start (rc={proc.returncode}): "
@@ -373,7 +289,7 @@ class VM:
         info = {"pid": pid, "image": image_id, "initrd": self.config.initrds[image_id],
                 "nonce": nonce, "boot_device": self.boot_device(),
                 "started_at": time.time(), "resets": 0}
-        _atomic_write_text(self.dir / "running.json", json.dumps(info, indent=2))
+        atomic_write_text(self.dir / "running.json", json.dumps(info, indent=2))
         return pid
 
     def stop(self, timeout: float = 5.0) -> bool:
@@ -405,7 +321,7 @@ class VM:
                 self.hmp("system_reset")
                 info["resets"] = int(info.get("resets", 0)) + 1
                 info["reset_at"] = time.time()
-                _atomic_write_text(self.dir / "running.json", json.dumps(info, indent=2))
+                atomic_write_text(self.dir / "running.json", json.dumps(info, indent=2))
             else:
                 self._stop(timeout=2.0)
                 self._start(target)
@@ -435,7 +351,7 @@ class VM:
             while not out.endswith(b"(qemu) "):
                 try:
                     chunk = s.recv(4096)
-                except socket.timeout:
+                except TimeoutError:
                     break
                 if not chunk:
                     break
@@ -457,96 +373,12 @@ class VM:
     def wait_ready(self, key_file: str | os.PathLike, host_key: str, timeout: float = 120.0,
                    until: Callable[[str], bool] | None = None,
                    command: str = "cat /proc/sys/kernel/random/boot_id") -> str:
-        """:func:`wait_ssh_ready` for this VM; the console tail is added on timeout."""
+        """:func:`rhaas.lab.guestssh.wait_ssh_ready` for this VM; the console tail is added on timeout."""
+        from rhaas.lab.guestssh import wait_ssh_ready  # not at import: chassis.py loads this file alone
+
         try:
             return wait_ssh_ready(self.ssh_port, timeout, key_file=key_file, host_key=host_key,
                                   until=until, command=command)
         except TimeoutError as e:
             raise TimeoutError(f"{self.name}: {e}\n--- console tail ---\n"
                                f"{self.console_tail()}") from None
-
-
-# ---------------------------------------------------------------------------
-# SSH helpers (paramiko imported lazily)
-# ---------------------------------------------------------------------------
-
-def ssh_banner(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
-    """True if something on ``host:port`` sends an ``SSH-`` banner promptly.
-
-    slirp accepts TCP before the guest is up, so a connect alone proves nothing.
-    """
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(4).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
-def ssh_connect(port: int, key_file: str | os.PathLike, host_key: str,
-                host: str = "127.0.0.1", user: str = "root", timeout: float = 10.0):
-    """paramiko SSHClient with the host key pinned (RejectPolicy; no agent, no key search)."""
-    import logging
-
-    import paramiko
-
-    # paramiko's transport thread logs a traceback for every connection a booting guest
-    # drops; the callers report failures themselves
-    plog = logging.getLogger("paramiko")
-    if not plog.handlers:
-        plog.addHandler(logging.NullHandler())
-    client = paramiko.SSHClient()
-    keytype, b64 = host_key.split()[:2]
-    entry = paramiko.hostkeys.HostKeyEntry.from_line(
-        f"{host if port == 22 else f'[{host}]:{port}'} {keytype} {b64}")
-    if entry is None:
-        raise LabError(f"cannot parse host key {host_key!r}")
-    client.get_host_keys().add(entry.hostnames[0], keytype, entry.key)
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(host, port=port, username=user, key_filename=str(key_file),
-                   look_for_keys=False, allow_agent=False, timeout=timeout,
-                   banner_timeout=timeout, auth_timeout=timeout)
-    return client
-
-
-def ssh_run(client, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run ``command``; return (exit status, stdout, stderr)."""
-    _stdin, stdout, stderr = client.exec_command(command, timeout=timeout)
-    out = stdout.read().decode(errors="replace")
-    err = stderr.read().decode(errors="replace")
-    return stdout.channel.recv_exit_status(), out, err
-
-
-def wait_ssh_ready(port: int, timeout: float, *, key_file: str | os.PathLike, host_key: str,
-                   host: str = "127.0.0.1", user: str = "root",
-                   command: str = "cat /proc/sys/kernel/random/boot_id",
-                   until: Callable[[str], bool] | None = None) -> str:
-    """Wait for an ``SSH-`` banner, then for ``command`` to succeed over SSH.
-
-    If ``until`` is given, keep polling until ``until(stdout)`` is true (e.g.
-    the boot id changed after a kexec).  Returns the command's stdout.
-    """
-    deadline = time.monotonic() + timeout
-    last_err: object = "no SSH banner"
-    while time.monotonic() < deadline:
-        if not ssh_banner(port, host):
-            time.sleep(0.05)
-            continue
-        try:
-            client = ssh_connect(port, key_file, host_key, host=host, user=user,
-                                 timeout=max(1.0, min(10.0, deadline - time.monotonic())))
-            try:
-                rc, out, err = ssh_run(client, command, timeout=30)
-            finally:
-                client.close()
-        except Exception as e:  # noqa: BLE001 - guest may vanish mid-handshake
-            if type(e).__name__ == "BadHostKeyException":
-                raise
-            last_err = f"{type(e).__name__}: {e}"
-            time.sleep(0.2)
-            continue
-        if rc == 0 and (until is None or until(out)):
-            return out
-        last_err = f"command rc={rc} out={out.strip()[:200]!r} err={err.strip()[:200]!r}"
-        time.sleep(0.2)
-    raise TimeoutError(f"SSH on {host}:{port} not ready after {timeout:.0f}s ({last_err})")

@@ -70,7 +70,7 @@ def test_kexec_into_second_image(lab, timings):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from rhaas.lab.vm import ssh_connect
+    from rhaas.lab.guestssh import ssh_connect
 
     wrong = Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()

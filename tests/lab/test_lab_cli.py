@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lab_helpers import assert_loopback_only
 
-from rhaas.sim.farm import read_state
+from rhaas.sim.control import read_state
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -130,7 +130,7 @@ def test_host_key_pinned_across_kexec(lab_stack, timings):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from rhaas.lab.vm import ssh_connect
+    from rhaas.lab.guestssh import ssh_connect
 
     node = lab_stack.node("lab-02")
     pinned = json.loads(lab_stack.root("show", "lab-02", "--json").stdout)["ssh_host_key"]

@@ -1,0 +1,21 @@
+#!/bin/sh
+real=/usr/lib/rhaas/kexec
+fire=
+for a in "$@"; do
+    case "$a" in -e|--exec) fire=1 ;; esac
+done
+[ -n "$fire" ] || exec $real "$@"
+[ "$(cat /sys/kernel/kexec_loaded 2>/dev/null)" = 1 ] || exec $real "$@"
+: > /run/rhaas-kexec-firing
+for p in $(pidof dropbear); do
+    [ "$(cut -d' ' -f4 /proc/$p/stat 2>/dev/null)" = 1 ] && kill "$p"
+done
+i=0
+while pidof dropbear >/dev/null && [ $i -lt 30 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+$real "$@"
+rc=$?
+rm -f /run/rhaas-kexec-firing
+exit $rc
