@@ -183,6 +183,9 @@ class SimNode:
     async def reboot(self) -> None:
         """``kexec -e``: the node vanishes, stays away for the down time, then the new kernel runs."""
         loaded = self.loaded
+        from rhaas.sim.pull import kill_helpers
+
+        kill_helpers(self)  # a new kernel: no process of the old one survives
         await self.go_down(freeze=bool(self.farm.fault(self.name, "never_returns")))
         if self.farm.fault(self.name, "never_returns"):
             self.stuck = True
@@ -199,6 +202,9 @@ class SimNode:
         await self.come_up()
 
     async def power_off(self) -> None:
+        from rhaas.sim.pull import kill_helpers
+
+        kill_helpers(self)
         self.powered = False
         self.loaded = None
         await self.go_down()

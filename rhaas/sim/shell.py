@@ -1,6 +1,7 @@
 """The simulated node's shell: runs a parsed command string (:mod:`rhaas.sim.syntax`) on one node.
 
-It knows only the commands rhaas sends: ``cat``, ``test``, ``mkdir``, ``mv``, ``rm``, ``echo``,
+rhaas's named scripts (``sh -c SCRIPT rhaas-NAME ARGS``) run in the host's ``/bin/sh``
+(:mod:`rhaas.sim.pull`). Otherwise it knows only the commands rhaas sends: ``cat``, ``test``, ``mkdir``, ``mv``, ``rm``, ``echo``,
 ``sha256sum``, ``grep -qx``, ``sleep``, ``true``, ``sh -c``, ``setsid``, ``nohup``, ``hostname``
 and ``kexec -l/-e/-u`` (handed to :meth:`rhaas.sim.node.SimNode.kexec`); anything else exits
 127.  File paths stay inside the node's root (:meth:`rhaas.sim.node.SimNode.real_path`).
@@ -285,6 +286,10 @@ class Shell:
         return 0
 
     async def cmd_sh(self, args, fds) -> int:
+        from rhaas.sim import pull
+
+        if pull.wants_real_shell(args):  # rhaas's own node scripts: the host's /bin/sh (sim/pull.py)
+            return await pull.run_script(self.node, args, fds)
         if len(args) >= 2 and args[0] == "-c":
             try:
                 return await self.run(args[1], fds)

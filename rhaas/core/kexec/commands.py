@@ -110,26 +110,26 @@ class Commands:
         for url in sources:
             if not _URL.fullmatch(url):
                 raise ValueError(f"not a source URL: {url!r}")
-        args = [cache, str(max(1, round(deadline))), *(serve.args() if serve else ("", "", "")), kernel_sha, base_sha]
-        args += ["--", *sources]
         for sha in (kernel_sha, base_sha):
             cls.cache_path(sha, cache)  # checks the digest
+        args = [cache, str(max(1, round(deadline))), kernel_sha, base_sha, "--", *sources]
         fetch = f"sh -c {q(FETCH_SCRIPT)} rhaas-fetch " + " ".join(q(a) for a in args)
-        return (
+        cmd = (
             f"cat {cls.BOOT_ID} && {fetch} && "
-            + cls._combine(kernel_sha, base_sha, overlay_sha, initrd_sha, cmdline, fire, tag, cache)
+            + cls._combine(kernel_sha, base_sha, overlay_sha, initrd_sha, cmdline, fire and serve is None, tag, cache)
         )
+        if serve is not None:  # only a node that loaded the image serves it (and jumps later)
+            args = [cache, *serve.args(), kernel_sha, base_sha]
+            cmd += f" && sh -c {q(SERVE_SCRIPT)} rhaas-serve " + " ".join(q(a) for a in args)
+        return cmd
 
     @classmethod
     def stop_serving(cls, serve: Serve, fire: bool) -> str:
         """Stop the node's peer server for this run and remove its links; then jump if ``fire``
         (only when a kernel is loaded)."""
         q = shlex.quote
-        pid = q(serve.pidfile)
-        cmd = (
-            f"cat {cls.BOOT_ID}; test -f {pid} && kill \"$(cat {pid})\" 2>/dev/null; rm -rf {q(serve.root)} {pid}"
-            f"; echo {cls.STOPPED}"
-        )
+        stop = f"sh -c {q(STOP_SCRIPT)} rhaas-stop {q(serve.pidfile)} {q(serve.root)}"
+        cmd = f"cat {cls.BOOT_ID}; {stop}; echo {cls.STOPPED}"
         if fire:
             cmd += f" && grep -qx 1 {cls.KEXEC_LOADED} && echo {cls.LOADED} && sh -c {shlex.quote(cls.FIRE)}"
         return cmd
@@ -176,6 +176,7 @@ class Serve:
         self.listen = listen
 
     def args(self) -> tuple[str, str, str]:
+        """Document root, token, ADDR:PORT."""
         return self.root, self.token, self.listen
 
 
@@ -212,11 +213,11 @@ def parse_fetch(result: Result) -> dict:
 _CACHE = re.compile(r"/[A-Za-z0-9._/-]*")
 _URL = re.compile(r"http://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?")
 
-# $1 cache dir, $2 seconds per fetch, $3 serve root ('' = do not serve), $4 token, $5 listen
-# address, then the blobs' digests, '--', the sources' base URLs. Exit 3: no HTTP client;
-# 5: no source gave a blob; 4/6: local errors. Reports lines rhaas:client/got/bad/nosource/serving.
+# $1 cache dir, $2 seconds per fetch, then the blobs' digests, '--', the sources' base URLs.
+# Exit 3: no HTTP client; 5: no source gave a blob; 4: local errors.
+# Reports lines rhaas:client/got/bad/nosource.
 FETCH_SCRIPT = r"""
-c=$1; t=$2; root=$3; tok=$4; listen=$5; shift 5
+c=$1; t=$2; shift 2
 shas=
 while [ $# -gt 0 ] && [ "$1" != -- ]; do shas="$shas $1"; shift; done
 [ $# -gt 0 ] && shift
@@ -244,14 +245,29 @@ for s in $shas; do
   done
   [ -n "$ok" ] || { echo "rhaas:nosource $s"; exit 5; }
 done
-[ -n "$root" ] || exit 0
-mkdir -p "$root/$tok" || exit 0
-for s in $shas; do ln -f "$c/$s" "$root/$tok/$s" || exit 0; done
+exit 0
+"""
+
+# $1 cache dir, $2 document root, $3 token, $4 ADDR:PORT, then the blobs' digests: serve them
+# to peers (read-only, only under the token's directory) with busybox httpd, detached; its PID
+# goes to ROOT.pid. Says rhaas:serving once it runs; never fails the command.
+SERVE_SCRIPT = r"""
+c=$1; root=$2; tok=$3; listen=$4; shift 4
 command -v busybox >/dev/null 2>&1 || exit 0
+mkdir -p "$root/$tok" || exit 0
+for s in "$@"; do ln -f "$c/$s" "$root/$tok/$s" || exit 0; done
 setsid busybox httpd -f -p "$listen" -h "$root" </dev/null >/dev/null 2>&1 &
 echo $! > "$root.pid"
-sleep 0.2
+sleep 0.1
 kill -0 "$(cat "$root.pid")" 2>/dev/null && echo rhaas:serving
+exit 0
+"""
+
+
+# $1 the peer server's PID file, $2 its document root: stop it, remove the links
+STOP_SCRIPT = r"""
+test -f "$1" && kill "$(cat "$1")" 2>/dev/null
+rm -rf "$2" "$1"
 exit 0
 """
 
