@@ -239,7 +239,9 @@ class NodeRun:
         if not cached:
             self._close_sess()
             return self._failed(f"cannot build the initrd on the node: {r.why()}")
+        # fetch, verify, build and kexec -l are one command: all of it counts as stage
         self.phases["stage"] = time.monotonic() - self.stage_t0
+        self.phases["load"] = 0.0
         if not loaded:
             self._close_sess()
             return self._failed(f"kexec -l failed: {r.why()}")
