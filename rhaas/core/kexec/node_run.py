@@ -165,11 +165,15 @@ class NodeRun:
     # -- staging: pull over HTTP (origin or peers), or push over SFTP ---------------------------------
     def _stage_start(self) -> float | None:
         """The node lacks the image: the overlay (keys) goes over SSH, the rest is pulled if we can."""
+        from rhaas.adapters.ssh import SSHError
+
         job = self.job
+        remote = Commands.cache_path(job.overlay_sha, self.opts.cache_dir)
         try:
-            self.sess.makedirs(self.opts.cache_dir)
-            remote = Commands.cache_path(job.overlay_sha, self.opts.cache_dir)
-            if not self.sess.exists(remote):
+            try:  # a few KB, written atomically: sending it is cheaper than asking whether it is there
+                self.uploaded += self.sess.put(job.overlay, remote)
+            except SSHError:
+                self.sess.makedirs(self.opts.cache_dir)  # the first image this node gets
                 self.uploaded += self.sess.put(job.overlay, remote)
         except BaseException:
             self._close_sess()
@@ -177,7 +181,13 @@ class NodeRun:
         if self.ctx.pull is None:
             return self._push()
         self._next = self._fetch
-        return time.monotonic()
+        return self._fetch()
+
+    @property
+    def urgent(self) -> bool:
+        """A node fetching an image (or serving it) goes before nodes not started and polls:
+        its source's slot, or the nodes waiting for it as a source, depend on it."""
+        return getattr(self._next, "__func__", None) in (NodeRun._fetch, NodeRun._hold)
 
     def _close_sess(self) -> None:
         sess, self.sess = self.sess, None

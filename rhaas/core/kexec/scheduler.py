@@ -156,6 +156,7 @@ class Pool:
         self._cv = threading.Condition()
         self._fresh: deque = deque()
         self._timed: list = []
+        self._urgent: list = []  # due steps of nodes fetching an image: before fresh nodes and polls
         self._seq = itertools.count()
         self._pending = 0
         self._stopped = False
@@ -181,6 +182,8 @@ class Pool:
         with self._cv:
             while not self._stopped:
                 now = time.monotonic()
+                if self._urgent and self._urgent[0][0] <= now:
+                    return heapq.heappop(self._urgent)[2]
                 if self._timed and self._timed[0][0] <= now - self.lag:
                     return heapq.heappop(self._timed)[2]
                 if self._fresh:
@@ -189,7 +192,8 @@ class Pool:
                     return heapq.heappop(self._timed)[2]
                 if self._pending == 0:
                     return None
-                self._cv.wait(self._timed[0][0] - now if self._timed else None)
+                due = min([h[0][0] for h in (self._timed, self._urgent) if h], default=None)
+                self._cv.wait(due - now if due is not None else None)
             return None
 
     def _work(self) -> None:
@@ -204,7 +208,8 @@ class Pool:
                     if self._pending == 0:
                         self._cv.notify_all()
                 else:
-                    heapq.heappush(self._timed, (due, next(self._seq), run))
+                    heap = self._urgent if getattr(run, "urgent", False) else self._timed
+                    heapq.heappush(heap, (due, next(self._seq), run))
                     self._cv.notify()
             if due is None:
                 self.results.put(run.result)
