@@ -188,7 +188,7 @@ def check_cache_dir(path: str) -> str:
 
 
 def parse_fetch(result: Result) -> dict:
-    """What the fetch script said: ``client``, ``got`` [(sha, source index, bytes)], ``bad``
+    """What the fetch script said: ``client``, ``got`` [(sha, source index)], ``bad``
     [(source index, why)], ``serving`` (bool)."""
     out: dict = {"client": None, "got": [], "bad": [], "serving": False, "nosource": None}
     for line in result.lines:
@@ -197,8 +197,8 @@ def parse_fetch(result: Result) -> dict:
             out["client"] = rest.strip()
         elif word == "rhaas:got":
             parts = rest.split()
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                out["got"].append((parts[0], int(parts[1]), int(parts[2])))
+            if len(parts) == 2 and parts[1].isdigit():
+                out["got"].append((parts[0], int(parts[1])))
         elif word == "rhaas:bad":
             idx, _, why = rest.partition(" ")
             if idx.isdigit():
@@ -232,16 +232,15 @@ for s in $shas; do
   ok=; i=0
   for b in "$@"; do
     i=$((i+1)); tmp="$c/.fetch.$s.$$"
-    rm -f "$tmp"
     if [ "$get" = curl ]; then $lim curl -fsS --connect-timeout 5 --max-time "$t" -o "$tmp" "$b/$s" 2>/dev/null
     else $lim wget -q -T "$t" -O "$tmp" "$b/$s" 2>/dev/null; fi
     rc=$?
     if [ "$rc" -ne 0 ]; then echo "rhaas:bad $i fetch failed (exit $rc)"; rm -f "$tmp"; continue; fi
-    got=$(sha256sum "$tmp" | cut -d' ' -f1)
-    if [ "$got" != "$s" ]; then echo "rhaas:bad $i sha256 mismatch (got $got)"; rm -f "$tmp"; continue; fi
-    n=$(wc -c < "$tmp" | tr -d ' ')
+    if ! printf '%s  %s\n' "$s" "$tmp" | sha256sum -c >/dev/null 2>&1; then
+      echo "rhaas:bad $i sha256 mismatch"; rm -f "$tmp"; continue
+    fi
     mv -f "$tmp" "$c/$s" || exit 4
-    echo "rhaas:got $s $i $n"; ok=1; break
+    echo "rhaas:got $s $i"; ok=1; break
   done
   [ -n "$ok" ] || { echo "rhaas:nosource $s"; exit 5; }
 done
@@ -257,9 +256,10 @@ command -v busybox >/dev/null 2>&1 || exit 0
 mkdir -p "$root/$tok" || exit 0
 for s in "$@"; do ln -f "$c/$s" "$root/$tok/$s" || exit 0; done
 setsid busybox httpd -f -p "$listen" -h "$root" </dev/null >/dev/null 2>&1 &
-echo $! > "$root.pid"
-sleep 0.1
-kill -0 "$(cat "$root.pid")" 2>/dev/null && echo rhaas:serving
+p=$!
+echo "$p" > "$root.pid"
+sleep 0.05
+kill -0 "$p" 2>/dev/null && echo rhaas:serving
 exit 0
 """
 

@@ -230,7 +230,8 @@ class NodeRun:
             pull.sources.release(src, ok=True)
             self.dropped.append("no HTTP client on the node" if said["client"] == "none" else f"fetch: {r.why()}")
             return self._push()
-        got = sum(n for _, _, n in said["got"])
+        sizes = {img.kernel.sha256: img.kernel.size, img.initrd.sha256: img.initrd.size}
+        got = sum(sizes.get(sha, 0) for sha, _ in said["got"])
         if said["nosource"] or (said["bad"] and not said["got"]):
             why = said["bad"][-1][1] if said["bad"] else "no answer"
             pull.sources.release(src, ok=False)
