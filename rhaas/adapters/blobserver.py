@@ -86,7 +86,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     server_version = "rhaas-blobs"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format, *args) -> None:
         pass  # nodes' requests are counted, not logged to the operator's terminal
@@ -203,7 +205,7 @@ class BlobServer:
         if self._thread is not None:
             return self
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="rhaas-blob-listener", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="rhaas-blob-listener", daemon=True
         )
         self._thread.start()
         return self
