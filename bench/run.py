@@ -215,6 +215,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     run_section("bench_kexec.py")
+    run_section("bench_images.py")
     run_section("bench_lab.py")
 
 
