@@ -3,10 +3,11 @@
 Per node, over SSH (:mod:`rhaas.adapters.ssh`), with the commands of
 :mod:`rhaas.core.kexec.commands`:
 
-1. one session reads the boot id and, if the node's cache (``/run/rhaas/<sha256>``) already
+1. one session reads the boot id and, if the node's cache (``node-cache-dir``) already
    holds the kernel and this node's initrd (the image's initrd + the node's overlay), runs
-   ``kexec -l`` and fires the detached ``kexec -e`` in the same command. Otherwise it uploads
-   what is missing over SFTP, builds the initrd on the node and loads it;
+   ``kexec -l`` and fires the detached ``kexec -e`` in the same command. Otherwise the node
+   gets the image (:mod:`rhaas.core.kexec.staging`: pulled over HTTP from the run's origin or a
+   peer, or pushed over SFTP), builds its initrd and loads it;
 2. the node is polled until it answers with a new boot id (the old kernel's sshd may still
    answer for a moment: its boot id means "not yet"), and ``/proc/cmdline`` must hold the
    run's ``rhaas.nonce=``;
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 import time
 
-from rhaas.core.kexec.commands import Commands, cmdline_has, parse_fetch
+from rhaas.core.kexec.commands import Commands, cmdline_has
 from rhaas.core.kexec.plan import Context, Job, KexecResult
+from rhaas.core.kexec.staging import Staging
 from rhaas.errors import RhaasError
 
 
-class NodeRun:
+class NodeRun(Staging):
     """One node's way through the pipeline, one step at a time (see the module docstring)."""
 
     def __init__(self, job: Job, ctx: Context):
@@ -56,6 +58,7 @@ class NodeRun:
         self.transfer: dict = {}
         self.settled = False
         self.serve = None
+        self.hold_until = 0.0
         self._next = self._load
 
     def step(self) -> float | None:
@@ -161,165 +164,6 @@ class NodeRun:
         self.deadline = self.fired_at + self.opts.timeout
         self._next = self._poll
         return self.fired_at + self.opts.first_poll
-
-    # -- staging: pull over HTTP (origin or peers), or push over SFTP ---------------------------------
-    def _stage_start(self) -> float | None:
-        """The node lacks the image: the overlay (keys) goes over SSH, the rest is pulled if we can."""
-        from rhaas.adapters.ssh import SSHError
-
-        job = self.job
-        remote = Commands.cache_path(job.overlay_sha, self.opts.cache_dir)
-        try:
-            try:  # a few KB, written atomically: sending it is cheaper than asking whether it is there
-                self.uploaded += self.sess.put(job.overlay, remote)
-            except SSHError:
-                self.sess.makedirs(self.opts.cache_dir)  # the first image this node gets
-                self.uploaded += self.sess.put(job.overlay, remote)
-        except BaseException:
-            self._close_sess()
-            raise
-        if self.ctx.pull is None:
-            return self._push()
-        self._next = self._fetch
-        return self._fetch()
-
-    @property
-    def urgent(self) -> bool:
-        """A node fetching an image (or serving it) goes before nodes not started and polls:
-        its source's slot, or the nodes waiting for it as a source, depend on it."""
-        return getattr(self._next, "__func__", None) in (NodeRun._fetch, NodeRun._hold)
-
-    def _close_sess(self) -> None:
-        sess, self.sess = self.sess, None
-        if sess is not None:
-            sess.close()
-
-    def _settle(self) -> None:
-        """This node no longer needs a source (once per node)."""
-        if not self.settled and self.ctx.pull is not None:
-            self.settled = True
-            self.ctx.pull.sources.settle(self.job.index)
-
-    def _fetch(self) -> float | None:
-        """Ask for a source; pull, verify, build the initrd and load in one command."""
-        from rhaas.core.kexec.sources import NONE, WAIT
-
-        pull, job, img = self.ctx.pull, self.job, self.ctx.image
-        src = pull.sources.acquire(job.index, self.tried)
-        if src == WAIT:
-            if time.monotonic() - self.stage_t0 > self.opts.command_timeout + pull.fetch_timeout:
-                self.dropped.append("no source became free in time")
-                return self._push()
-            return time.monotonic() + 0.05
-        if src == NONE:
-            return self._push()
-        serve = pull.serve_for(job.index)
-        fire = self.opts.mode != "load" and serve is None
-        cmd = Commands.fetch_and_load(
-            img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha, job.cmdline, fire, job.nonce,
-            [pull.base(src)], pull.fetch_timeout, self.opts.cache_dir, serve,
-        )
-        try:
-            r = self.sess.run(cmd, timeout=self.opts.command_timeout + 2 * pull.fetch_timeout)
-        except BaseException:
-            pull.sources.release(src, ok=True)  # our session failed, not the source
-            self._close_sess()
-            raise
-        said = parse_fetch(r)
-        if said["client"] in (None, "none") and not said["got"]:
-            pull.sources.release(src, ok=True)
-            self.dropped.append("no HTTP client on the node" if said["client"] == "none" else f"fetch: {r.why()}")
-            return self._push()
-        sizes = {img.kernel.sha256: img.kernel.size, img.initrd.sha256: img.initrd.size}
-        got = sum(sizes.get(sha, 0) for sha, _ in said["got"])
-        if said["nosource"] or (said["bad"] and not said["got"]):
-            why = said["bad"][-1][1] if said["bad"] else "no answer"
-            pull.sources.release(src, ok=False)
-            self.tried.add(src)
-            self.dropped.append(f"{pull.label(src)}: {why}")
-            self.fetched += got
-            return time.monotonic()
-        pull.sources.release(src, ok=True)
-        self.fetched += got
-        self.transfer = {
-            "path": "origin" if src == pull.sources.origin else "peer",
-            "bytes": self.fetched, "source": pull.label(src),
-        }
-        self._settle()
-        _, cached, loaded = Commands.parse_load(r)
-        if not cached:
-            self._close_sess()
-            return self._failed(f"cannot build the initrd on the node: {r.why()}")
-        # fetch, verify, build and kexec -l are one command: all of it counts as stage
-        self.phases["stage"] = time.monotonic() - self.stage_t0
-        self.phases["load"] = 0.0
-        if not loaded:
-            self._close_sess()
-            return self._failed(f"kexec -l failed: {r.why()}")
-        self._close_sess()
-        if said["serving"]:
-            self.serve = serve
-            pull.sources.holds(job.index)
-            self._next = self._hold
-            return time.monotonic()
-        if serve is not None:  # loaded but could not serve: jump now, as a non-serving node
-            return self._release_and_fire(serve)
-        return self._loaded(r, fire)
-
-    def _hold(self) -> float | None:
-        """A serving node waits (holding no thread) until no node is left to fetch, then stops its
-        server and jumps."""
-        if not self.ctx.pull.sources.settled():
-            return time.monotonic() + 0.1
-        return self._release_and_fire(self.serve)
-
-    def _release_and_fire(self, serve) -> float | None:
-        self.ctx.pull.sources.stop_serving(self.job.index)
-        fire = self.opts.mode != "load"
-        with self._connect(self.opts.connect_timeout, self.opts.command_timeout) as sess:
-            r = sess.run(Commands.stop_serving(serve, fire))
-        if fire and Commands.LOADED not in [ln.strip() for ln in r.lines]:
-            return self._failed(f"kexec -e after serving: no kernel loaded: {r.why()}")
-        return self._loaded(r, fire)
-
-    def _push(self) -> float | None:
-        """Today's path: upload what the node lacks over SFTP, build the initrd, load (and fire)."""
-        img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
-        fire = self.opts.mode != "load"
-        try:
-            before = self.uploaded
-            self._stage(self.sess)
-            t1 = time.monotonic()
-            self.phases["stage"] = t1 - self.stage_t0
-            self.transfer = {"path": "sftp", "bytes": self.fetched + self.uploaded - before}
-            self._settle()
-            r = self.sess.run(
-                Commands.combine_and_load(
-                    img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha,
-                    job.cmdline, fire, job.nonce, cache,
-                )
-            )
-        finally:
-            self._close_sess()
-        _, cached, loaded = Commands.parse_load(r)
-        if not cached:
-            return self._failed(f"cannot build the initrd on the node: {r.why()}")
-        self.phases["load"] = time.monotonic() - t1
-        if not loaded:
-            return self._failed(f"kexec -l failed: {r.why()}")
-        return self._loaded(r, fire)
-
-    def _stage(self, sess) -> None:
-        img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
-        sess.makedirs(cache)
-        for sha, source in (
-            (img.kernel.sha256, img.kernel.path),
-            (img.initrd.sha256, img.initrd.path),
-            (job.overlay_sha, job.overlay),
-        ):
-            remote = Commands.cache_path(sha, cache)
-            if not sess.exists(remote):
-                self.uploaded += sess.put(source, remote)
 
     def _poll(self) -> float | None:
         """One attempt to reach the node after the jump: down, old kernel, or the new boot."""
