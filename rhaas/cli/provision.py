@@ -168,8 +168,10 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
           no_fallback, load_only, do_exec, as_json, dry_run):
     """Jump nodes into a new kernel over SSH, and verify they booted it.
 
-    Per node: stage the kernel and initrd in the node's cache (/run/rhaas/<sha256>; nothing
-    is sent twice), add an overlay with rhaas's and the tenant's SSH keys, `kexec -l` with
+    Per node: stage the kernel and initrd in the node's cache (setting node-cache-dir,
+    default /run/rhaas/<sha256>; nothing is sent twice; a node pulls them over HTTP from
+    this run or from peers and checks their sha256, else they go over SFTP), add an overlay
+    with rhaas's and the tenant's SSH keys (always over SSH), `kexec -l` with
     the image's arguments plus rhaas.nonce=<random>, jump, and wait until the node answers
     with a new boot id and the nonce in /proc/cmdline. A node that fails is set to boot
     from PXE and power cycled through its BMC or upstream (unless --no-fallback).
