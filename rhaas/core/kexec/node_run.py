@@ -59,6 +59,8 @@ class NodeRun(Staging):
         self.settled = False
         self.serve = None
         self.hold_until = 0.0
+        self.wait_s = 0.0  # staging: waiting for a source, then running fetch commands
+        self.fetch_s = 0.0
         self._next = self._load
 
     def step(self) -> float | None:

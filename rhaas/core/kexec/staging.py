@@ -67,6 +67,9 @@ class Staging:
                 self.dropped.append("no source became free in time")
                 return self._push()
             return time.monotonic() + 0.05
+        t_cmd = time.monotonic()
+        if not self.fetch_s:  # time spent waiting for a first source
+            self.wait_s = t_cmd - self.stage_t0
         if src == NONE:
             return self._push()
         serve = pull.serve_for(job.index)
@@ -81,6 +84,7 @@ class Staging:
             pull.sources.release(src, ok=True)  # our session failed, not the source
             self._close_sess()
             raise
+        self.fetch_s += time.monotonic() - t_cmd
         said = parse_fetch(r)
         if said["client"] in (None, "none") and not said["got"]:
             pull.sources.release(src, ok=True)
@@ -100,6 +104,7 @@ class Staging:
         self.transfer = {
             "path": "origin" if src == pull.sources.origin else "peer",
             "bytes": self.fetched, "source": pull.label(src),
+            "wait_s": round(self.wait_s, 3), "fetch_s": round(self.fetch_s, 3),  # fetch_s: fetch+load
         }
         self._settle()
         _, cached, loaded = Commands.parse_load(r)
