@@ -133,6 +133,8 @@ def main() -> int:
               "(RHAAS_BENCH_TMP=/dev/shm keeps the nodes' files in memory, as a node's /run is)", flush=True)
 
         for n in counts:
+            for x in farm.nodes:  # the previous count's image is not this one's: free the space
+                shutil.rmtree(Path(x["root"]) / "run/rhaas", ignore_errors=True)
             kernel, initrd = tmp / f"vmlinuz-{n}", tmp / f"initrd-{n}"
             for path, mb in ((kernel, k_mb), (initrd, i_mb)):
                 with open(path, "wb") as fh:
