@@ -67,7 +67,7 @@ def connect(node, tries: int = 5):
     for i in range(tries):
         try:
             return node.ssh(timeout=20)
-        except Exception:  # noqa: BLE001 - retried, then raised
+        except Exception:
             if i == tries - 1:
                 raise
             time.sleep(1)
@@ -121,7 +121,7 @@ def bare_boot(node, kernel: str, initrd: str, append: str) -> float:
                 rc, out, _e = ssh_run(c, STATE, timeout=10)
             finally:
                 c.close()
-        except Exception:  # noqa: BLE001 - the old kernel going away mid-handshake
+        except Exception:  # noqa: BLE001, S112 - the old kernel going away mid-handshake
             continue
         if rc == 0 and out.split()[0] != old:
             if f"rhaas.nonce={nonce}" not in out.split():

@@ -1,7 +1,7 @@
 """`make bench`: figures and ratios measured side by side in one run, printed as `name value`.
 
-Sections: inventory and CLI (10,000 nodes), serve latency and nesting, kexec fan-out (simulated
-farm), and provisioning on real VMs (when QEMU and ipmi_sim are installed). Timings on this
+Sections: inventory and CLI (10,000 nodes), serve latency and nesting, how long failure paths
+take to give up, kexec fan-out (simulated farm), and provisioning on real VMs (when QEMU and ipmi_sim are installed). Timings on this
 shared 2-core machine vary; every figure is a median of several runs where that is cheap.
 """
 
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from rhaas.model import new_node  # noqa: E402
-from rhaas.store import Store  # noqa: E402
+from rhaas.model import new_node
+from rhaas.store import Store
 
 TARGETS = {
     "cli.list_json_10k_s": 0.5,
@@ -33,6 +33,14 @@ TARGETS = {
     "cli.tab_completion_10k_s": 0.2,
     "lease.writes_for_1000_nodes": 5,
     "serve.auth_get_node_ms": 10,
+    # failure paths: the configured limit plus interpreter start (upstream) or a margin (BMC)
+    "fail.upstream_silent_timeout2_s": 3.0,
+    "fail.upstream_refused_s": 1.0,
+    "fail.bmc_refused_s": 0.5,
+    "fail.bmc_silent_ping_s": 3.0,
+    "fail.bmc_silent_budget0.6_s": 1.5,
+    "fail.kexec_5_faults_timeout4_s": 15.0,
+    "serve.auth_get_node_ms_5000_idle": 100,
 }
 
 
@@ -122,8 +130,36 @@ def bench_inventory(tmp: Path) -> None:
     tab = f"source {ROOT / 'completions' / 'rhaas.bash'}; COMP_WORDS=(rhaas show node-099); COMP_CWORD=2; " \
           f"_rhaas_completion rhaas; echo ${{#COMPREPLY[@]}}"
     report("cli.tab_completion_10k_s", timed(["bash", "-c", tab], env))
-    out = subprocess.run(["bash", "-c", tab], env=env, capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(["bash", "-c", tab], env=env, capture_output=True, text=True, check=False).stdout.strip()
     report("cli.tab_completion_10k_candidates", int(out or 0))
+
+
+def idle_latency(port: int, auth: str, n_idle: int) -> float:
+    """Median authenticated GET /v0/node/<n> while n_idle idle TCP connections are held open."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n_idle + 256 and soft != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else n_idle + 1024, hard))
+    idle = []
+    try:
+        for _ in range(n_idle):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        lat = []
+        for i in range(101):
+            t0 = time.perf_counter()
+            conn.request("GET", f"/v0/node/node-{(i * 53) % 10000:05d}", headers={"Authorization": auth})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            lat.append(time.perf_counter() - t0)
+        conn.close()
+        return statistics.median(lat[1:])
+    finally:
+        for s in idle:
+            s.close()
 
 
 def bench_serve_and_lease(tmp: Path) -> None:
@@ -145,6 +181,7 @@ def bench_serve_and_lease(tmp: Path) -> None:
         report("serve.auth_get_node_first_ms", lat[0] * 1000)
         report("serve.auth_get_node_ms", statistics.median(lat[1:]) * 1000)
         report("serve.auth_get_node_p95_ms", sorted(lat[1:])[189] * 1000)
+        report("serve.auth_get_node_ms_5000_idle", idle_latency(served.port, auth, 5000) * 1000)
         # side by side: what real HIL pays per call (sha512-crypt, 656,000 rounds, every request)
         try:
             import warnings
@@ -199,10 +236,94 @@ def bench_serve_and_lease(tmp: Path) -> None:
         served.stop()
 
 
+def bench_failures(tmp: Path) -> None:
+    """How long the failure paths take to give up. The tests check what they say (one line,
+    the right exit code) with only a hang guard; the figures live here."""
+    import socket
+
+    print("# failure paths: time to give up")
+    silent = socket.socket()  # accepts TCP, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+
+    def init_against(url, extra, runs=3) -> float:
+        walls = []
+        for i in range(runs):
+            home = tmp / f"fail-{len(list(tmp.iterdir()))}-{i}"
+            env = env_for(home)
+            env.update(extra)
+            t0 = time.perf_counter()
+            proc = subprocess.run([str(BIN / "rhaas"), "init", "--upstream", url, "--project", "p", "--user", "u"],
+                                  env=env, capture_output=True, text=True, timeout=120, check=False)
+            walls.append(time.perf_counter() - t0)
+            assert proc.returncode == 3, proc.stderr
+        return statistics.median(walls)
+
+    try:
+        report("fail.upstream_silent_timeout2_s", init_against(
+            f"http://127.0.0.1:{port}", {"RHAAS_UPSTREAM_PASSWORD": "x", "RHAAS_UPSTREAM_TIMEOUT": "2"}))
+    finally:
+        silent.close()
+    report("fail.upstream_refused_s", init_against(f"http://127.0.0.1:{port}", {"RHAAS_UPSTREAM_PASSWORD": "x"}))
+
+    from rhaas.adapters.bmc import BMCError, IPMIBmc
+
+    def bmc_give_up(port: int, timeout: float) -> float:
+        t0 = time.perf_counter()
+        try:
+            IPMIBmc("127.0.0.1", port, "admin", "pw12345", timeout=timeout).power_status()
+        except BMCError:
+            pass
+        return time.perf_counter() - t0
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a BMC gone quiet
+    udp.bind(("127.0.0.1", 0))
+    uport = udp.getsockname()[1]
+    try:
+        report("fail.bmc_silent_ping_s", bmc_give_up(uport, 10))
+        report("fail.bmc_silent_budget0.6_s", bmc_give_up(uport, 0.6))
+    finally:
+        udp.close()
+    report("fail.bmc_refused_s", statistics.median(bmc_give_up(uport, 10) for _ in range(3)))
+    bench_kexec_faults(tmp)
+
+
+def bench_kexec_faults(tmp: Path) -> None:
+    """One `rhaas kexec` over five farm nodes that each fail differently (--timeout 4)."""
+    from rhaas.adapters.ssh import ensure_client_key
+    from rhaas.core.images import add_image, make_image
+    from rhaas.sim.farm import launch
+
+    home = tmp / "faults-home"
+    _, public = ensure_client_key(home)
+    (tmp / "faults-keys").write_text(public + "\n")
+    farm = launch(tmp / "faults-farm", 5, tmp / "faults-keys", down_time=0.3)
+    try:
+        store = Store(home)
+        store.create()
+        with store.transaction("bench") as tx:
+            tx.put_nodes([new_node(x["name"], "registered", ssh=x["ssh"], ssh_host_key=x["host_key"])
+                          for x in farm.nodes])
+        (tmp / "faults-kernel").write_bytes(os.urandom(64 * 1024))
+        (tmp / "faults-initrd").write_bytes(os.urandom(64 * 1024))
+        add_image(store, make_image("img", str(tmp / "faults-kernel"), str(tmp / "faults-initrd"), "quiet"))
+        names = farm.names
+        farm.set_faults({names[0]: ["load_fails"], names[1]: ["never_returns"], names[2]: ["old_boot_id"],
+                         names[3]: ["refuse_ssh"], names[4]: {"slow": 1.0}})
+        t0 = time.perf_counter()
+        subprocess.run([str(BIN / "rhaas"), "kexec", *names, "--image", "img", "--timeout", "4",
+                        "--connect-timeout", "2", "--no-fallback", "--json"], env=env_for(home),
+                       capture_output=True, timeout=300, check=False)
+        report("fail.kexec_5_faults_timeout4_s", time.perf_counter() - t0)
+    finally:
+        farm.stop()
+
+
 def run_section(script: str) -> None:
     path = ROOT / "bench" / script
     if path.exists():
-        proc = subprocess.run([sys.executable, str(path)], cwd=str(ROOT))
+        proc = subprocess.run([sys.executable, str(path)], cwd=str(ROOT), check=False)
         if proc.returncode:
             print(f"# {script} failed with exit {proc.returncode}")
 
@@ -212,10 +333,13 @@ def main() -> None:
     try:
         bench_inventory(tmp)
         bench_serve_and_lease(tmp)
+        bench_failures(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     run_section("bench_kexec.py")
     run_section("bench_images.py")
+    run_section("bench_netns.py")  # root only; says why it skips otherwise
+    run_section("bench_kexec_service.py")
     run_section("bench_lab.py")
 
 

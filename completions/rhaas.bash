@@ -5,7 +5,7 @@ _rhaas_completion() {
     response=$(env COMP_WORDS="${COMP_WORDS[*]}" COMP_CWORD=$COMP_CWORD _RHAAS_COMPLETE=bash_complete $1)
 
     for completion in $response; do
-        IFS=',' read type value <<< "$completion"
+        IFS=',' read -r type value <<< "$completion"
 
         if [[ $type == 'dir' ]]; then
             COMPREPLY=()
@@ -14,7 +14,9 @@ _rhaas_completion() {
             COMPREPLY=()
             compopt -o default
         elif [[ $type == 'plain' ]]; then
-            COMPREPLY+=($value)
+            local quoted
+            printf -v quoted '%q' "$value"
+            COMPREPLY+=("$quoted")
         fi
     done
 

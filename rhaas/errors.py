@@ -25,7 +25,18 @@ class UpstreamUnreachable(RhaasError):
 
 
 class StoreError(RhaasError):
-    exit_code = 1
+    """The inventory cannot be used: damaged, unsafe (owner, mode), unreadable or unwritable.
+
+    Nothing was changed. The README's "Exit codes" section says how to recover.
+    """
+
+    exit_code = 4
+
+
+class NoInventoryError(StoreError):
+    """There is no inventory at RHAAS_HOME yet: run ``rhaas init`` (a usage error)."""
+
+    exit_code = 2
 
 
 class APIError(RhaasError):

@@ -75,9 +75,19 @@ def public_node(doc: dict) -> dict:
     }
 
 
+NAME_MAX = 64  # longest name accepted anywhere (node, image, network, user, project, NIC label)
+
+
+def name_ok(name) -> bool:
+    """True for a string of 1 to NAME_MAX letters, digits, '.', '_' and '-' (not '.' or '..')."""
+    return isinstance(name, str) and len(name) <= NAME_MAX and valid_name(name)
+
+
 def check_name(name: str, what: str = "name") -> str:
-    if not valid_name(name):
-        raise UsageError(f"invalid {what} {name!r}: use only letters, digits, '.', '_' and '-'")
+    """``name`` if :func:`name_ok`, else a one-line UsageError naming what was refused."""
+    if not name_ok(name):
+        shown = repr(name[:NAME_MAX]) + ("..." if len(name) > NAME_MAX else "") if isinstance(name, str) else repr(name)
+        raise UsageError(f"invalid {what} {shown}: use 1 to {NAME_MAX} letters, digits, '.', '_' and '-'")
     return name
 
 

@@ -3,7 +3,8 @@
 Each route names one API call: its HTTP method, its path template under ``/v0`` and the
 exact argument schema of its JSON body (or query string for GETs). The client builds
 requests from these declarations and the server validates and dispatches with them, so the
-two sides cannot drift.
+two sides cannot drift. rhaas's own extension (``rhaas.kexec``) is declared the same way,
+under ``/v0/rhaas/``; its blob upload is the one route with a raw body (``raw_body``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Route:
     schema: dict = field(default_factory=dict)  # key -> (type or tuple of types, required)
     query: tuple = ()  # allowed query-string keys (GET only)
     redirectable: bool = False  # power/boot calls may answer 307 to an obmd-like endpoint
+    raw_body: bool = False  # the body is raw bytes (a blob upload), streamed, never parsed as JSON
 
     @property
     def params(self) -> list[str]:
@@ -127,6 +129,35 @@ ROUTES: list[Route] = [
     Route("user_add_project", "POST", "/auth/basic/user/<user>/add_project", {"project": (S, R)}),
     Route("user_remove_project", "POST", "/auth/basic/user/<user>/remove_project", {"project": (S, R)}),
     Route("list_active_extensions", "GET", "/active_extensions"),
+]
+
+# rhaas's own extension "rhaas.kexec" (offered in list_active_extensions by `rhaas serve`):
+# blobs are content-addressed by sha256 and uploaded once per level; a kexec is one batch
+# call answered 202 with an action id, polled like a networking action. A blob goes up in parts
+# of at most BLOB_PART bytes (each one bounded request, so serve's body limit stays small for
+# everything else), then a commit names its size and the server checks the sha256 of the whole.
+KEXEC_EXTENSION = "rhaas.kexec"
+BLOB_PART = 8 << 20
+ROUTES += [
+    Route("rhaas_blob_show", "GET", "/rhaas/blob/<sha256>"),
+    Route("rhaas_blob_part", "PUT", "/rhaas/blob/<sha256>/part/<offset>", raw_body=True),
+    Route("rhaas_blob_commit", "POST", "/rhaas/blob/<sha256>", {"size": (int, R)}),
+    Route(
+        "rhaas_kexec",
+        "POST",
+        "/rhaas/kexec",
+        {
+            "nodes": (list, R),
+            "kernel": (S, R),
+            "initrd": (S, R),
+            "append": (S, R),
+            "ssh_keys": (list, R),
+            "blob_url": (S, OPT),
+            "timeout": ((int, float), OPT),
+            "fallback": (bool, OPT),
+        },
+    ),
+    Route("rhaas_kexec_status", "GET", "/rhaas/kexec/<action_id>"),
 ]
 
 BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}

@@ -8,7 +8,9 @@ TinyDB alone is neither process-safe nor crash-safe, so this module adds what it
   at most once when it ends, with :func:`rhaas.atomic.write_atomic`. A crash leaves either the
   old or the new file, never a mix;
 * the file and its directory are private (0600 / 0700): the store holds BMC credentials and
-  password hashes;
+  password hashes. A load refuses a store or directory another user owns or can open
+  (rhaas.inventory_files), and a document whose structure is not what the code relies on
+  (rhaas.inventory_schema): one line naming the file and the problem, nothing written;
 * read-only snapshots are cached by inode. The cache keeps the file it read open, so that
   inode cannot be recycled; any write replaces the file with a new inode and the next
   snapshot re-reads it. A long-running ``serve`` therefore never answers from a stale copy.
@@ -16,7 +18,6 @@ TinyDB alone is neither process-safe nor crash-safe, so this module adds what it
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -30,14 +31,16 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Document, Table
 
+from rhaas import inventory_files, inventory_schema
 from rhaas.atomic import write_atomic
 from rhaas.errors import StoreError
 from rhaas.names_index import DB_NAME, default_home, write_names_index
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = inventory_schema.SCHEMA_VERSION
 LOCK_NAME = "rhaas.lock"
 EVENTS_KEPT = 20000  # older events move to events.archive.jsonl, nothing is dropped
-TABLES = ("meta", "config", "nodes", "images", "users", "projects", "networks", "actions", "events")
+TABLES = ("meta", "config", "nodes", "images", "users", "projects", "networks", "actions", "events", "journal")
+# journal: intents of leases and frees in flight (rhaas.core.journal), resolved after a kill
 
 Table.default_query_cache_capacity = 0
 
@@ -63,11 +66,14 @@ class _MemoryStorage(Storage):
 class _View:
     """Shared read API over one loaded document ({table: {doc_id: doc}})."""
 
+    source = "(in memory)"  # the file it was read from, for error messages
+
     def __init__(self, data: dict):
         self.data = data
         for t in TABLES:
             data.setdefault(t, {})
         self._node_index: dict[str, str] | None = None
+        self._events_checked = False
 
     # -- nodes --------------------------------------------------------------------------
     def _index(self) -> dict[str, str]:
@@ -102,6 +108,13 @@ class _View:
         return {d["key"]: d["value"] for d in self.data["config"].values()}
 
     def events(self) -> list[dict]:
+        if not self._events_checked:  # the log's fields are checked when it is read (inventory_schema)
+            try:
+                inventory_schema.check_events(self.data["events"])
+            except inventory_schema.InventoryShapeError as exc:
+                raise StoreError(f"inventory {self.source} is damaged in its event log: {exc}; "
+                                 f"{inventory_files.RECOVER}") from None
+            self._events_checked = True
         return [self.data["events"][k] for k in sorted(self.data["events"], key=int)]
 
     @property
@@ -223,15 +236,23 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.path.exists()
+        try:
+            return self.path.exists()
+        except OSError as exc:  # EACCES on a home we may not enter
+            raise inventory_files.os_problem(exc, self.path, "look for the inventory") from None
 
     def create(self) -> None:
         """Make the home (0700) and an empty database (0600) if there is none."""
         try:
+            if self.home.exists() and not self.home.is_dir():
+                raise StoreError(f"RHAAS_HOME {self.home} is not a directory; point RHAAS_HOME at a directory")
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.home, 0o700)
+            st = os.stat(self.home)
+            if st.st_uid == os.geteuid():
+                os.chmod(self.home, 0o700)
         except OSError as exc:
             raise StoreError(f"cannot create state directory {self.home}: {exc.strerror}") from None
+        inventory_files.check_private(self.home, os.stat(self.home), "inventory directory", 0o700)
         with self._locked():
             if not self.path.exists():
                 data = {t: {} for t in TABLES}
@@ -240,33 +261,21 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------------
     def _load(self, use_cache: bool):
-        try:
-            fh = open(self.path, "rb")  # noqa: SIM115  # the snapshot cache keeps it open
-        except FileNotFoundError:
-            raise StoreError(
-                f"no rhaas inventory at {self.home}; run 'rhaas init' first (or set RHAAS_HOME)"
-            ) from None
-        ino = os.fstat(fh.fileno()).st_ino
+        fh, st = inventory_files.open_inventory(self.home, self.path)  # the snapshot cache keeps fh open
+        ino = st.st_ino
         if use_cache:
             with _cache_lock:
                 if self._cached and self._cached[0] == ino:
                     fh.close()
                     return self._cached[2]  # the Snapshot, with its node index already built
         try:
-            raw = fh.read()
-            data = json.loads(raw) if raw else None
-        except ValueError:
+            data = self._parse(inventory_files.read_all(fh, self.path))
+        except BaseException:
             fh.close()
-            raise StoreError(f"inventory {self.path} is not valid JSON; restore it from a backup") from None
-        if not isinstance(data, dict):
-            fh.close()
-            raise StoreError(f"inventory {self.path} is not a rhaas inventory")
-        schema = (data.get("meta", {}).get("1") or {}).get("schema")
-        if schema != SCHEMA_VERSION:
-            fh.close()
-            raise StoreError(f"inventory {self.path} has schema {schema}, this rhaas reads {SCHEMA_VERSION}")
+            raise
         if use_cache:
             snap = Snapshot(data)
+            snap.source = str(self.path)
             with _cache_lock:
                 old = self._cached
                 self._cached = (ino, fh, snap)
@@ -274,6 +283,21 @@ class Store:
                     old[1].close()
             return snap
         fh.close()
+        return data
+
+    def _parse(self, raw: bytes) -> dict:
+        """The document in ``raw`` once its structure is proven (rhaas.inventory_schema)."""
+        try:
+            data = inventory_schema.parse_inventory(raw)
+            inventory_schema.check_document(data, SCHEMA_VERSION, TABLES)
+        except inventory_schema.InventorySchemaError as exc:
+            if isinstance(exc.found, int) and exc.found > SCHEMA_VERSION:
+                raise StoreError(f"inventory {self.path} has schema {exc.found}, this rhaas reads "
+                                 f"{SCHEMA_VERSION}: use the newer rhaas that wrote it") from None
+            raise StoreError(f"inventory {self.path} is damaged or not a rhaas inventory: its schema version "
+                             f"is {exc.found!r}, not {SCHEMA_VERSION}; {inventory_files.RECOVER}") from None
+        except inventory_schema.InventoryShapeError as exc:
+            raise StoreError(f"inventory {self.path} is damaged: {exc}; {inventory_files.RECOVER}") from None
         return data
 
     def snapshot(self) -> Snapshot:
@@ -284,9 +308,12 @@ class Store:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with _write_lock:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = inventory_files.open_lock(self.lock_path)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as exc:
+                    raise inventory_files.os_problem(exc, self.lock_path, "lock") from None
                 yield
             finally:
                 os.close(fd)
@@ -299,7 +326,11 @@ class Store:
             txn = Transaction(self._load(use_cache=False), actor)
             yield txn
             if txn._events:
-                txn._flush_events(self.home / "events.archive.jsonl")
+                archive = self.home / "events.archive.jsonl"
+                try:
+                    txn._flush_events(archive)
+                except OSError as exc:
+                    raise inventory_files.os_problem(exc, archive, "append old events to") from None
             if txn.dirty:
                 meta = txn.data["meta"].setdefault("1", {"schema": SCHEMA_VERSION})
                 meta["writes"] = int(meta.get("writes", 0)) + 1
@@ -309,9 +340,7 @@ class Store:
         try:
             write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode("utf-8"), mode=0o600)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreError(f"no space left to write {self.path}; nothing was changed") from None
-            raise StoreError(f"cannot write {self.path}: {exc.strerror}") from None
+            raise inventory_files.os_problem(exc, self.path, "write") from None
         write_names_index(self.home, data)
 
 

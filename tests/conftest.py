@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worlds import Served  # noqa: E402
+from worlds import Served
 
 
 @pytest.fixture(autouse=True)

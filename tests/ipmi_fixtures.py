@@ -267,14 +267,11 @@ def start_bmc(
             )
         )
         conf.chmod(0o600)
-        logf = open(bmc_dir / "ipmi_sim.log", "ab")
-        try:
+        with open(bmc_dir / "ipmi_sim.log", "ab") as logf:  # ipmi_sim keeps its own copy of the fd
             proc = subprocess.Popen(
                 [IPMI_SIM, "-c", str(conf), "-f", str(bmc_dir / "bmc.emu"), "-s", str(state), "-n"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        finally:
-            logf.close()
         bmc = SimBMC(name, host, port, user, password, bmc_dir, proc.pid, proc)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline and proc.poll() is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
-
 from worlds import rhaas
+
 from rhaas import __version__
 from rhaas.cli import COMMANDS, cli
 from rhaas.model import new_node
@@ -38,10 +39,38 @@ def test_every_command_has_help(path):
     assert res.exit_code == 0 and "Usage: rhaas" in res.output
 
 
-def test_main_commands_carry_an_example():
-    for path in (["lease"], ["free"], ["list"], ["kexec"], ["power"], ["serve"], ["init"], ["node", "register"]):
-        res = CliRunner().invoke(cli, path + ["--help"], prog_name="rhaas")
-        assert "rhaas " + path[0] in res.output.split("Example", 1)[-1], path
+def _example_lines(help_text: str) -> list[str]:
+    """The lines of the `Example:`/`Examples:` section of a --help text (up to the next blank line)."""
+    lines = help_text.splitlines()
+    for i, line in enumerate(lines):
+        if re.fullmatch(r"\s*Examples?:\s*", line):
+            section = []
+            for body in lines[i + 1:]:
+                if not body.strip():
+                    break
+                section.append(body.strip())
+            return section
+    return []
+
+
+# The commands an operator reaches for first, plus every other command that documents an example today.
+_WITH_EXAMPLES = [
+    ["lease"], ["free"], ["list"], ["kexec"], ["power"], ["serve"], ["init"], ["node", "register"],
+    ["node", "unregister"], ["node", "set"], ["node", "trust"], ["reconcile"], ["show"], ["events"],
+    ["bootdev"], ["image"], ["network", "create"], ["network", "connect"], ["user", "add"],
+    ["project", "add"], ["lab"], ["completion"],
+]
+
+
+@pytest.mark.parametrize("path", _WITH_EXAMPLES, ids=lambda p: " ".join(p))
+def test_main_commands_carry_an_example(path):
+    """The help has an Example(s) section with a command line that runs this very command."""
+    res = CliRunner().invoke(cli, path + ["--help"], prog_name="rhaas")
+    assert res.exit_code == 0, res.output
+    examples = _example_lines(res.output)
+    assert examples, f"no 'Example:' section in 'rhaas {' '.join(path)} --help'"
+    call = re.compile(r"(^|[\s|;&])rhaas " + re.escape(" ".join(path)) + r"(\s|$)")
+    assert any(call.search(line) for line in examples), examples
 
 
 def test_settings_precedence(rhaas_home):

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
-
 from worlds import make_root, plain_node, rhaas
 
 
 def unchanged(home, *args, code=2, env=None, input=None, timeout=60):
     path = home / "rhaas.json"
     before = path.read_bytes() if path.exists() else None
-    t0 = time.monotonic()
-    proc = rhaas(home, *args, env=env, input=input, timeout=timeout)
-    elapsed = time.monotonic() - t0
+    proc = rhaas(home, *args, env=env, input=input, timeout=timeout)  # a hang fails with TimeoutExpired
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(("rhaas: error:", "Error:")), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("rhaas: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     assert (path.read_bytes() if path.exists() else None) == before
-    return lines[0], elapsed
+    return lines[0]
 
 
 @pytest.fixture
@@ -38,16 +34,16 @@ def derived(tmp_path, start_serve):
 
 def test_unknown_node(derived):
     home, _, _ = derived
-    line, _ = unchanged(home, "free", "node-77")
+    line = unchanged(home, "free", "node-77")
     assert "unknown node" in line and "node-77" in line
-    line, _ = unchanged(home, "show", "node-77")
+    line = unchanged(home, "show", "node-77")
     assert "unknown node" in line
 
 
 def test_node_already_leased(derived, tmp_path):
-    home, root, served = derived
+    home, _, served = derived
     rhaas(home, "lease", "node-01", check=True)
-    line, _ = unchanged(home, "lease", "node-01")
+    line = unchanged(home, "lease", "node-01")
     assert "already leased" in line
     other = tmp_path / "other"
     rhaas(other, "init", "--upstream", served.url, "--project", "p2", "--user", "bob",
@@ -58,30 +54,31 @@ def test_node_already_leased(derived, tmp_path):
 
 
 def test_malformed_url(rhaas_home):
-    for url in ("not a url", "ftp://x/", "http://", "http://u:p@host/"):
-        line, _ = unchanged(rhaas_home, "init", "--upstream", url, "--project", "p", "--user", "u",
-                            env={"RHAAS_UPSTREAM_PASSWORD": "x"})
-        assert "upstream URL" in line or "credentials" in line
+    for url, says in (("not a url", "malformed upstream URL"), ("ftp://x/", "malformed upstream URL"),
+                      ("http://", "malformed upstream URL"), ("http://u:p@host/", "put no credentials in the upstream URL")):
+        line = unchanged(rhaas_home, "init", "--upstream", url, "--project", "p", "--user", "u",
+                         env={"RHAAS_UPSTREAM_PASSWORD": "x"})
+        assert line.startswith(f"rhaas: error: {says}"), (url, line)
     assert not (rhaas_home / "rhaas.json").exists()
 
 
 def test_wrong_password(derived, tmp_path):
     _, _, served = derived
     home = tmp_path / "wrong"
-    line, _ = unchanged(home, "init", "--upstream", served.url, "--project", "p1", "--user", "alice",
+    line = unchanged(home, "init", "--upstream", served.url, "--project", "p1", "--user", "alice",
                         env={"RHAAS_UPSTREAM_PASSWORD": "WRONG-SECRET"}, code=1)
     assert "rejected the credentials" in line and "WRONG-SECRET" not in line
     derived_home = derived[0]
-    line, _ = unchanged(derived_home, "lease", "1", env={"RHAAS_UPSTREAM_PASSWORD": "WRONG-SECRET"}, code=1)
+    line = unchanged(derived_home, "lease", "1", env={"RHAAS_UPSTREAM_PASSWORD": "WRONG-SECRET"}, code=1)
     assert "rejected the credentials" in line and "WRONG-SECRET" not in line
 
 
 @pytest.mark.parametrize("name", ["bad name", "a/b", "x;rm -rf", "$(id)", "../etc"])
 def test_names_with_spaces_or_slashes(rhaas_home, name):
     rhaas(rhaas_home, "init", check=True)
-    line, _ = unchanged(rhaas_home, "node", "register", name, "--ssh", "root@127.0.0.1")
+    line = unchanged(rhaas_home, "node", "register", name, "--ssh", "root@127.0.0.1")
     assert "invalid node name" in line
-    line, _ = unchanged(rhaas_home, "project", "add", name)
+    line = unchanged(rhaas_home, "project", "add", name)
     assert "invalid project name" in line
 
 
@@ -93,26 +90,28 @@ def test_unreachable_upstream_is_bounded(derived, tmp_path):
     silent.listen(1)
     port = silent.getsockname()[1]
     try:
-        line, elapsed = unchanged(home, "lease", "1", env={"RHAAS_UPSTREAM": f"http://127.0.0.1:{port}",
-                                                           "RHAAS_UPSTREAM_TIMEOUT": "2"}, code=3)
-        assert "unreachable" in line and elapsed < 15
+        # the whole call is bounded by the 2 s upstream timeout; 30 s only catches a hang (figure: make bench)
+        line = unchanged(home, "lease", "1", env={"RHAAS_UPSTREAM": f"http://127.0.0.1:{port}",
+                                                  "RHAAS_UPSTREAM_TIMEOUT": "2"}, code=3, timeout=30)
+        assert line == f"rhaas: error: upstream http://127.0.0.1:{port} unreachable: no complete answer within 2 s"
     finally:
         silent.close()
-    # and a closed port fails at once
-    line, elapsed = unchanged(home, "lease", "1", env={"RHAAS_UPSTREAM": f"http://127.0.0.1:{port}"}, code=3)
-    assert "connection refused" in line and elapsed < 10
-    line, _ = unchanged(tmp_path / "never", "init", "--upstream", f"http://127.0.0.1:{port}", "--project", "p",
-                        "--user", "u", env={"RHAAS_UPSTREAM_PASSWORD": "x"}, code=3)
+    # and a closed port is refused, not waited out
+    line = unchanged(home, "lease", "1", env={"RHAAS_UPSTREAM": f"http://127.0.0.1:{port}"}, code=3)
+    assert line == f"rhaas: error: upstream http://127.0.0.1:{port} unreachable: connection refused"
+    line = unchanged(tmp_path / "never", "init", "--upstream", f"http://127.0.0.1:{port}", "--project", "p",
+                     "--user", "u", env={"RHAAS_UPSTREAM_PASSWORD": "x"}, code=3)
+    assert line == f"rhaas: error: upstream http://127.0.0.1:{port} unreachable: connection refused"
 
 
 def test_no_instance_yet(rhaas_home):
-    line, _ = unchanged(rhaas_home, "list", code=1)
+    line = unchanged(rhaas_home, "list", code=2)
     assert "rhaas init" in line
 
 
 def test_bad_setting(derived):
     home = derived[0]
-    line, _ = unchanged(home, "config", "set", "parallel", "many")
+    line = unchanged(home, "config", "set", "parallel", "many")
     assert "parallel" in line
-    line, _ = unchanged(home, "config", "set", "nonsense", "1")
+    line = unchanged(home, "config", "set", "nonsense", "1")
     assert "unknown setting" in line

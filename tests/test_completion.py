@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from worlds import ROOT, make_root, plain_node, rhaas
+
 from rhaas.cli.completion import SHELLS, completion_script
 from rhaas.model import new_node
 from rhaas.store import Store
@@ -39,7 +39,8 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
     env.update(RHAAS_HOME=str(home), PATH=f"{BIN}:{env.get('PATH', '')}")
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=30)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=30,
+                         check=False)
     assert out.returncode == 0, out.stderr
     return [line for line in out.stdout.splitlines() if line]
 

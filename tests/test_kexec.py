@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from farm_fixtures import _farm_process, client_key, farm_home, sim_farm  # noqa: F401
+from worlds import within
 
 from rhaas.cli import cli
 from rhaas.core.overlay import overlay_files
@@ -65,7 +66,9 @@ def test_full_flow_verifies_records_and_batches_writes(sim_farm, farm_home, rhaa
     writes = store.snapshot().writes
     monkeypatch.setenv("RHAAS_KEXEC_PROCESSES", "2")  # the forked-worker path, on few nodes
 
+    started = time.time()
     r, out = kexec_json("sim-[0001-0020]", "--image", "img", "--timeout", "20")
+    ended = time.time()
 
     assert r.exit_code == 0, r.output
     assert set(out) == set(names)
@@ -81,7 +84,7 @@ def test_full_flow_verifies_records_and_batches_writes(sim_farm, farm_home, rhaa
         assert set(res["phases"]) == PHASES and all(v >= 0 for v in res["phases"].values())
         assert doc["status"] == "ready" and doc["image"] == "img" and doc["reason"] is None
         assert doc["nonce"] == res["nonce"] and doc["boot_id"] == st["boot_id"]
-        assert doc["last_boot"] > time.time() - 60 and set(doc["phases"]) == PHASES
+        assert started <= doc["last_boot"] <= ended and set(doc["phases"]) == PHASES  # this run's boot
     assert len({res["nonce"] for res in out.values()}) == len(names)  # a fresh nonce per node
     events = [e for e in snap.events() if e["action"] == "kexec"]
     assert {e["node"] for e in events} == set(names) and {e["outcome"] for e in events} == {"ok"}
@@ -141,11 +144,12 @@ def test_faults_end_in_bounded_time_with_the_right_outcome(sim_farm, farm_home, 
         names[4]: {"slow": 1.0},
     })
     before = {n: sim_farm.state(n) for n in names}
-    t0 = time.monotonic()
 
-    r, out = kexec_json(*names, "--image", "img", "--timeout", "4", "--connect-timeout", "2", "--no-fallback")
+    # every node's wait is bounded by --timeout/--connect-timeout; the guard only catches a hang
+    # (how long a faulty batch takes is a figure for `make bench`)
+    r, out = within(60, kexec_json, *names, "--image", "img", "--timeout", "4", "--connect-timeout", "2",
+                    "--no-fallback")
 
-    assert time.monotonic() - t0 < 15
     assert r.exit_code == 1
     assert {n: out[n]["outcome"] for n in names} == {
         names[0]: "failed", names[1]: "failed", names[2]: "failed", names[3]: "failed", names[4]: "ok"}
@@ -154,6 +158,8 @@ def test_faults_end_in_bounded_time_with_the_right_outcome(sim_farm, farm_home, 
     assert out[names[1]]["reason"] == "did not come back within 4s"
     assert out[names[2]]["reason"] == f"came back with old boot id {before[names[2]]['boot_id']}"
     assert out[names[3]]["reason"].startswith(f"cannot connect to {names[3]}")
+    # the report puts the injected 1 s where it belongs (down/up). Not a speed check: the farm
+    # holds the node for at least down_time + 1 s, so load can only make the figure larger.
     assert out[names[4]]["phases"]["down"] + out[names[4]]["phases"]["up"] >= 1.0
     for n in names[:4]:
         assert f"{n} (failed)" in r.stderr
@@ -196,8 +202,10 @@ def test_fallback_power_cycles_through_the_bmc(sim_farm, farm_home, rhaas_home, 
     try:
         store = farm_home(rhaas_home, [name], per_node={name: {"ipmi": bmc.ipmi_doc()}})
         add_image(image)
+        # The farm re-reads faults.json at its next fault lookup (at most 20 ms stale); this
+        # node's first one is the `kexec -l` check, after SSH connect and staging, and the power
+        # cycle that the power_file fault follows comes after that: nothing to wait for here.
         sim_farm.set_faults({name: {"load_fails": True, "power_file": str(bmc.power_file)}})
-        time.sleep(0.3)
         before = sim_farm.state(name)
 
         r, out = kexec_json(name, "--image", "img", "--timeout", "20")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 
-from worlds import make_root, plain_node, rhaas, wait_for
-from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401  (a fixture, used by name)
-from rhaas.store import Store
-
 import pytest
+from ipmi_fixtures import ipmi_sim_factory, requires_ipmi_sim  # noqa: F401  (a fixture, used by name)
+from worlds import make_root, plain_node, rhaas, wait_for
+
+from rhaas.store import Store
 
 pytestmark = [pytest.mark.ipmi, requires_ipmi_sim]
 
@@ -62,10 +62,11 @@ def test_three_levels(tmp_path, start_serve, ipmi_sim_factory):  # noqa: F811
     assert json.loads(proc.stdout)[0]["outcome"] == "ok"
     off = bmc.wait_for_call("set power 0", timeout=20)
     bmc.wait_for_call("set power 1", after=off, timeout=20)
-    assert wait_for(lambda: bmc.power() == "on", timeout=10)  # the script logs the call, then writes
+    wait_for(lambda: bmc.power() == "on", timeout=10, what="the chassis file to say on")  # logged, then written
     # ipmi_sim finishes the cycle (off, poll, on) on its own time; status reads it back through 3 levels
-    assert wait_for(lambda: json.loads(rhaas(d2, "power", "status", target, "--json", env=e2,
-                                             timeout=60).stdout)[0]["power"] == "on", timeout=20)
+    wait_for(lambda: json.loads(rhaas(d2, "power", "status", target, "--json", env=e2,
+                                      timeout=60).stdout)[0]["power"] == "on", timeout=20,
+             what="power status 'on' through three levels")
     proc = rhaas(d2, "bootdev", "pxe", target, env=e2, timeout=60)
     assert proc.returncode == 0 and bmc.boot() == "pxe"
     # the other BMCs saw nothing

@@ -2,21 +2,26 @@
 ipmi_sim BMCs (Debian's openipmi). The chassis state is read back twice: from the files the
 BMC's chassis_control script keeps, and over IPMI with python-ipmi."""
 
+# ruff: noqa: F811  (the fixtures imported from ipmi_fixtures come back as parameters)
 from __future__ import annotations
 
 import json
 import socket
-import time
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
-
 from ipmi_fixtures import SimBMC, ipmi_bmc, ipmi_sim_factory, requires_ipmi_sim  # noqa: F401
+from worlds import within
+
 from rhaas import model
 from rhaas.adapters.bmc import BMCError, IPMIBmc
+from rhaas.adapters.hil import HILClient
 from rhaas.cli import cli
 from rhaas.core import power as core
-from rhaas.errors import RhaasError, UsageError
+from rhaas.errors import AuthorizationError, RhaasError, UsageError
 from rhaas.store import Store
 
 pytestmark = [pytest.mark.ipmi, requires_ipmi_sim]
@@ -79,8 +84,8 @@ def test_cycle_is_off_then_on(ipmi_sim_factory):
     off = sim.wait_for_call("set power 0")
     on = sim.wait_for_call("set power 1", after=off)
     calls = sim.timed_calls()
-    assert "get power" in [c for _, c in calls[off:on]]  # ipmi_sim polled before powering up
-    assert calls[on][0] - calls[off][0] >= 0.5  # really off for a while, not a no-op
+    # a real cycle, not a no-op: off, then ipmi_sim polled the chassis, then on
+    assert "get power" in [c for _, c in calls[off:on]]
     assert sim.power() == "on"
     assert pyipmi_view(sim)[0] is True
 
@@ -128,10 +133,8 @@ def test_sessions_are_closed(ipmi_bmc):
 
 def test_wrong_password_is_one_bounded_line(ipmi_bmc):
     secret = "not-" + ipmi_bmc.password
-    t0 = time.monotonic()
-    with pytest.raises(BMCError) as err:
-        IPMIBmc(ipmi_bmc.host, ipmi_bmc.port, "admin", secret).power_on()
-    assert time.monotonic() - t0 < 4
+    with pytest.raises(BMCError) as err:  # the BMC's own 10 s budget, and a guard three times that
+        within(30, IPMIBmc(ipmi_bmc.host, ipmi_bmc.port, "admin", secret, timeout=10).power_on)
     assert str(err.value) == f"BMC 127.0.0.1:{ipmi_bmc.port} rejected the credentials for user admin"
     assert err.value.kind == "credentials"
     assert secret not in repr(err.value) and ipmi_bmc.password not in str(err.value)
@@ -143,40 +146,44 @@ def test_unknown_user(ipmi_bmc):
         IPMIBmc(ipmi_bmc.host, ipmi_bmc.port, "nobody", ipmi_bmc.password).power_status()
 
 
-def test_closed_port_fails_at_once():
+def test_closed_port_is_reported_as_refused():
     sock, number = silent_udp_port()
     sock.close()  # nothing listens there now
-    t0 = time.monotonic()
     with pytest.raises(BMCError) as err:
-        IPMIBmc("127.0.0.1", number, "admin", "pw12345").power_status()
-    assert time.monotonic() - t0 < 2
+        within(30, IPMIBmc("127.0.0.1", number, "admin", "pw12345", timeout=10).power_status)
+    # refused, not timed out: the ICMP answer ended the call, the 10 s budget was not waited out
     assert str(err.value) == f"BMC 127.0.0.1:{number} did not answer (connection refused)"
-
-
-def test_silent_bmc_fails_within_seconds():
-    sock, port = silent_udp_port()
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(BMCError) as err:
-            IPMIBmc("127.0.0.1", port, "admin", "pw12345", timeout=10).power_cycle()
-        elapsed = time.monotonic() - t0
-    finally:
-        sock.close()
-    assert 1.5 < elapsed < 4
-    assert str(err.value).startswith(f"BMC 127.0.0.1:{port} did not answer")
     assert err.value.kind == "unreachable"
 
 
-def test_whole_call_is_bounded_by_timeout():
-    # a one-second budget cuts the two-second wait for the ping short
+def test_silent_bmc_is_found_by_the_rmcp_ping():
+    """A silent BMC is given up on after the RMCP ping goes unanswered, not after the 10 s budget
+    (the watchdog's message would say "within 10 s"). `make bench` prints how long that takes."""
     sock, port = silent_udp_port()
     try:
-        t0 = time.monotonic()
-        with pytest.raises(BMCError, match="did not answer"):
-            IPMIBmc("127.0.0.1", port, "admin", "pw12345", timeout=0.6).power_status()
-        assert time.monotonic() - t0 < 1.5
+        with pytest.raises(BMCError) as err:
+            within(40, IPMIBmc("127.0.0.1", port, "admin", "pw12345", timeout=10).power_cycle)
+        sock.settimeout(0)
+        first, _ = sock.recvfrom(512)
     finally:
         sock.close()
+    assert str(err.value) == f"BMC 127.0.0.1:{port} did not answer (no answer to RMCP ping)"
+    assert err.value.kind == "unreachable"
+    assert first[:4] == bytes([0x06, 0x00, 0xFF, 0x06])  # RMCP v1.0, no sequence, class ASF: the ping
+
+
+def test_a_short_budget_ends_the_call_with_did_not_answer():
+    # A 0.6 s budget narrows the two-second wait for the ping; the call ends by itself with a
+    # "did not answer" line (the guard here only catches a hang; the time is in `make bench`).
+    # The ping's socket timeout and the watchdog are both 0.6 s, so the words after "did not
+    # answer" depend on which fires first; only the common part is asserted.
+    sock, port = silent_udp_port()
+    try:
+        with pytest.raises(BMCError) as err:
+            within(20, IPMIBmc("127.0.0.1", port, "admin", "pw12345", timeout=0.6).power_status)
+    finally:
+        sock.close()
+    assert str(err.value).startswith(f"BMC 127.0.0.1:{port} did not answer")
 
 
 # -- the routing policy -------------------------------------------------------------------------
@@ -200,52 +207,109 @@ def test_backend_for_routes_by_node_source(ipmi_bmc):
                               "or lease it from an upstream")
 
 
-class RecordingUpstream:
-    """Stand-in for the lead's HIL client (rhaas.adapters.hil), which is not written yet:
-    records the calls UpstreamPower makes, in order, with HIL's answers."""
+class CallLog(HILClient):
+    """The real HIL client; it notes each API call (route name and body) before making it."""
 
-    def __init__(self, obm_error: Exception | None = None):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.calls: list[tuple] = []
-        self.obm_error = obm_error
 
-    def set_obm(self, node, enabled):
-        self.calls.append(("obm", node, enabled))
-        if self.obm_error:
-            raise self.obm_error
-
-    def power(self, node, op):
-        self.calls.append(("power", node, op))
-        return "on" if op == "status" else None
-
-    def set_bootdev(self, node, dev):
-        self.calls.append(("bootdev", node, dev))
+    def call(self, name, body=None, query=None, **path_args):
+        self.calls.append((name, body))
+        return super().call(name, body, query, **path_args)
 
 
-def test_upstream_power_enables_obm_first_and_once():
-    client = RecordingUpstream()
-    up = core.backend_for(model.new_node("l1", "leased", upstream_name="node-07"), SETTINGS, None,
+@pytest.fixture
+def upstream(tmp_path, ipmi_sim_factory, start_serve):
+    """A root `rhaas serve` whose node-01 (a real ipmi_sim, powered on) is in alice's project
+    proj1, and whose node-02 is in bob's proj2: (served, sim, root store)."""
+    from worlds import make_root
+
+    sim = ipmi_sim_factory("node-01", power_on=True)
+    root = make_root(tmp_path / "root",
+                     nodes=[model.new_node("node-01", "registered", ipmi=sim.ipmi_doc()),
+                            model.new_node("node-02", "registered")],
+                     users=(("admin", "adminpw", True, ()), ("alice", "alicepw", False, ("proj1",)),
+                            ("bob", "bobpw", False, ("proj2",))),
+                     projects=("proj1", "proj2"))
+    served = start_serve(tmp_path / "root")
+    HILClient(served.url, "alice", "alicepw", timeout=10).connect_node("proj1", "node-01")
+    HILClient(served.url, "bob", "bobpw", timeout=10).connect_node("proj2", "node-02")
+    sim.clear_calls()
+    return served, sim, root
+
+
+def test_upstream_power_enables_obm_first_and_once(upstream):
+    served, sim, root = upstream
+    client = CallLog(served.url, "alice", "alicepw", timeout=10)
+    up = core.backend_for(model.new_node("l1", "leased", upstream_name="node-01"), SETTINGS, None,
                           client_factory=lambda: client)
     assert up.power("status") == "on"
     up.power("reset")  # HIL has no reset: power_cycle with force, which obmd does as a reset
+    off = sim.wait_for_call("set power 0")
+    sim.wait_for_call("set power 1", after=off)
     up.set_bootdev("pxe")
-    assert client.calls == [("obm", "node-07", True), ("power", "node-07", "status"),
-                            ("power", "node-07", "cycle"), ("bootdev", "node-07", "pxe")]
+    assert client.calls == [("node_set_obm", {"enabled": True}), ("node_power_status", None),
+                            ("node_power_cycle", {"force": True}), ("node_set_bootdev", {"bootdev": "pxe"})]
     assert up.obm_enabled_here
+    assert sim.power() == "on" and sim.boot() == "pxe"
+    assert root.snapshot().node("node-01")["obm_enabled"] is True
 
 
-def test_upstream_power_tolerates_obm_already_enabled_only():
-    from rhaas.errors import BlockedError
-
-    client = RecordingUpstream(obm_error=BlockedError("OBM is already enabled"))
-    up = core.UpstreamPower("l1", "node-07", lambda: client, 5)
-    up.power("cycle")
-    assert client.calls[-1] == ("power", "node-07", "cycle")
-
-    client = RecordingUpstream(obm_error=BlockedError("Node not in project"))
-    up = core.UpstreamPower("l1", "node-07", lambda: client, 5)
-    with pytest.raises(BlockedError):
+def test_upstream_power_stops_at_a_refused_obm_enable(upstream):
+    served, _, root = upstream
+    client = CallLog(served.url, "alice", "alicepw", timeout=10)
+    up = core.UpstreamPower("l1", "node-02", lambda: client, 5)  # node-02 is bob's
+    with pytest.raises(AuthorizationError):
         up.power("cycle")
-    assert [c[0] for c in client.calls] == ["obm"]  # no power call without OBM
+    assert client.calls == [("node_set_obm", {"enabled": True})]  # no power call without OBM
+    assert not up.obm_enabled_here and root.snapshot().node("node-02")["obm_enabled"] is False
+
+
+class AlreadyEnabledHIL(BaseHTTPRequestHandler):
+    """A HIL-shaped server that refuses the OBM enable with 409 "OBM is already enabled" and
+    accepts a power cycle. No server that runs here answers the enable that way (`rhaas serve`
+    takes a second enable silently), so this loopback stand-in plays that upstream."""
+
+    protocol_version = "HTTP/1.1"
+    seen: ClassVar[list[tuple[str, str]]] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _handle(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.seen.append((self.command, self.path))
+        if self.path == "/v0/node/node-07/obm":
+            status, body = 409, json.dumps({"type": "BlockedError", "msg": "OBM is already enabled"}).encode()
+        elif self.path == "/v0/node/node-07/power_cycle":
+            status, body = 200, b""
+        else:
+            status, body = 404, b""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_PUT = do_POST = do_GET = _handle
+
+
+def test_upstream_power_goes_on_when_obm_is_already_enabled():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AlreadyEnabledHIL)
+    AlreadyEnabledHIL.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = HILClient(f"http://127.0.0.1:{server.server_address[1]}", "alice", "pw", timeout=5)
+        up = core.UpstreamPower("l1", "node-07", lambda: client, 5)
+        up.power("cycle")
+        up.power("cycle")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert AlreadyEnabledHIL.seen == [("PUT", "/v0/node/node-07/obm"), ("POST", "/v0/node/node-07/power_cycle"),
+                                      ("POST", "/v0/node/node-07/power_cycle")]  # asked once, then trusted
+    assert not up.obm_enabled_here  # it was someone else's enable; this backend must not undo it
 
 
 # -- fan-out and the inventory ------------------------------------------------------------------
@@ -373,7 +437,7 @@ def test_cli_dry_run_changes_nothing(home, ipmi_bmc):
     assert res.stdout == f"n1\twould power cycle\tipmi admin@127.0.0.1:{ipmi_bmc.port} (rmcpplus, cipher suite 3)\n"
     res = run("bootdev", "pxe", "n1", "--dry-run", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)[0]["dry_run"] is True
-    time.sleep(0.2)
+    # run() returns when the command is done, and a dry run starts no thread that could call later
     assert ipmi_bmc.calls() == []  # the BMC was never contacted
     assert home.snapshot().writes == writes
     assert home.snapshot().node("n1")["bootdev"] is None
@@ -392,9 +456,7 @@ def test_cli_wrong_password_exit_1_no_secret(home, ipmi_bmc):
     secret = "hunter2-wrong"
     with home.transaction() as tx:
         tx.put_nodes([model.new_node("n1", "registered", ipmi=ipmi_bmc.ipmi_doc(password=secret))])
-    t0 = time.monotonic()
-    res = run("power", "on", "n1")
-    assert time.monotonic() - t0 < 5
+    res = within(30, run, "power", "on", "n1")  # connect-timeout is 5 s; the guard only catches a hang
     assert res.exit_code == 1
     assert res.stdout == f"n1\tfailed\tBMC 127.0.0.1:{ipmi_bmc.port} rejected the credentials for user admin\n"
     assert res.stderr == "rhaas: error: power on failed on 1 node: n1\n"
@@ -409,12 +471,9 @@ def test_cli_unreachable_bmc_bounded(home):
             tx.put_nodes([model.new_node("n1", "registered",
                                          ipmi={"host": "127.0.0.1", "port": port, "user": "admin",
                                                "password": "pw-secret"})])
-        t0 = time.monotonic()
-        res = run("power", "status", "n1", "--json")
-        elapsed = time.monotonic() - t0
+        res = within(30, run, "power", "status", "n1", "--json")  # connect-timeout is 5 s
     finally:
         sock.close()
-    assert elapsed < 5
     assert res.exit_code == 1
     assert json.loads(res.stdout)[0]["reason"] == f"BMC 127.0.0.1:{port} did not answer (no answer to RMCP ping)"
     assert "pw-secret" not in res.output

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from farm_fixtures import _farm_process, client_key, farm_home, sim_farm  # noqa: F401
-
 from worlds import rhaas
+
 from rhaas.model import fingerprint
 
 
@@ -31,5 +31,5 @@ def test_trust_of_an_unreachable_node_is_one_line(rhaas_home):
     rhaas(rhaas_home, "init", check=True)
     rhaas(rhaas_home, "node", "register", "ghost", "--ssh", "root@127.0.0.1:1", check=True)
     proc = rhaas(rhaas_home, "node", "trust", "ghost", "--yes", timeout=30)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    assert "ghost" in proc.stderr or "127.0.0.1" in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr == "rhaas: error: cannot connect to 127.0.0.1:1: connection refused\n"

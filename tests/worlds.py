@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def rhaas(home, *args, input=None, env=None, timeout=60, check=False):
         text=True,
         env=full_env,
         timeout=timeout,
+        check=False,  # callers assert the exit code themselves (or pass check=True here)
         cwd=str(ROOT),
     )
     if check and proc.returncode != 0:
@@ -42,7 +44,7 @@ class Served:
         self.home = home
         env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
         env["RHAAS_HOME"] = str(home)
-        self.log = open(home / "serve.log", "w")
+        self.log = open(home / "serve.log", "w")  # noqa: SIM115 - open while serve runs; closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rhaas", "serve", "--listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE,
@@ -101,10 +103,43 @@ def plain_node(i: int, **kw):
     )
 
 
-def wait_for(pred, timeout=10.0, interval=0.05):
+def wait_for(pred, timeout=10.0, interval=0.05, what: str | None = None):
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass; the last answer is returned.
+
+    With ``what`` a timeout raises AssertionError naming the condition instead of returning False.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
         time.sleep(interval)
-    return pred()
+    if pred():
+        return True
+    if what is not None:
+        raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
+    return False
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """Call ``fn(*args, **kwargs)`` with a deadline on the call itself: a hang fails the test.
+
+    The call runs in a daemon thread; its result is returned and its exception re-raised here.
+    This is a guard against hanging, not a speed check (figures belong to `make bench`), so
+    give it several times the limit the call is configured with.
+    """
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below, re-raised there
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"within-{getattr(fn, '__name__', 'call')}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AssertionError(f"{getattr(fn, '__qualname__', fn)!s} did not finish within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

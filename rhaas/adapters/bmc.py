@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from rhaas.errors import RhaasError
 
@@ -192,7 +193,7 @@ class IPMIBmc:
                     phase[0] = "command"
                     outcome["value"] = work(ipmi)
                     phase[0] = "close"
-            except BaseException as exc:  # handed to the caller's thread below
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
                 if phase[0] == "close":
                     # the work is done; a BMC that fumbles the Close Session changes nothing
                     log.debug("BMC %s: closing the session failed: %s", self.address, type(exc).__name__)
@@ -203,7 +204,7 @@ class IPMIBmc:
                 if ipmi is not None:
                     try:
                         ipmi.interface.close()
-                    except Exception:
+                    except Exception:  # noqa: BLE001, S110 - the socket may already be gone
                         pass
 
         started = time.monotonic()
@@ -290,4 +291,4 @@ def _power_word(ipmi) -> str:
     return "on" if ipmi.get_chassis_status().power_on else "off"
 
 
-__all__ = ["BMCError", "IPMIBmc", "BOOT_DEVICES"]
+__all__ = ["BOOT_DEVICES", "BMCError", "IPMIBmc"]

@@ -3,20 +3,40 @@
 It follows the quirks in shared/hil-api.md: JSON bodies sent raw, Basic credentials sent up
 front (HIL's 401 has no challenge), status codes trusted over Content-Type, empty 200 bodies
 meaning "done", double-encoded metadata, 307 redirects for power calls re-sent with the same
-method and body (and the Location never logged), and every call bounded in time.
+method and body (and the Location never logged).
+
+An upstream is untrusted input, so every call is bounded three ways:
+
+- **Time: one deadline for the whole call** (connect, send, status line, headers, body, the
+  retry on a dropped kept-alive connection and a followed 307). Every socket operation gets the
+  time left as its timeout, so a server trickling one byte a second ends the call at the deadline
+  (:class:`UpstreamUnreachable`, exit 3). This is written here on top of ``http.client`` because
+  the maintained clients bound each read, not the call: urllib3's ``Timeout(total=...)`` only
+  sets the read timeout to what is left after connecting and documents that it measures the time
+  *between* reads, and httpx has no total timeout at all. (Name resolution is not bounded:
+  ``getaddrinfo`` takes no timeout; upstreams are normally given as addresses.)
+- **Size: a cap per answer** (``max_list_bytes`` for a list of names, ``max_doc_bytes`` for
+  anything else). A Content-Length over the cap is refused before the body is read; otherwise
+  at most cap + 1 bytes are read, so a huge answer is never held in memory.
+- **Shape:** every answer is checked by :mod:`rhaas.adapters.hil_answers` before it is
+  returned; names the upstream sends that rhaas cannot store are left out of lists and reported
+  through the ``warn`` callback (and kept in :attr:`HILClient.refused`), never printed here.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 from rhaas import protocol
+from rhaas.adapters.hil_answers import Checker, UpstreamMisbehaved
 from rhaas.errors import (
     APIError,
     AuthorizationError,
@@ -27,6 +47,17 @@ from rhaas.errors import (
     error_from_body,
     is_auth_failure,
 )
+
+MiB = 1024 * 1024
+DEFAULT_MAX_LIST_BYTES = 8 * MiB  # the defaults of the settings upstream-max-list-bytes / -doc-bytes
+DEFAULT_MAX_DOC_BYTES = 1 * MiB
+MAX_SOCKET_TIMEOUT = 1e6  # socket.settimeout refuses huge values; no call is meant to last longer
+READ_CHUNK = 64 * 1024
+# calls whose answer is a list of names (the larger cap), and what the names are
+NAME_LISTS = {"list_nodes": "node", "project_nodes": "node",
+              "project_networks": "network", "list_networks": "network"}
+
+__all__ = ["HILClient", "UpstreamMisbehaved", "decode_metadata", "parse_upstream_url"]
 
 
 def parse_upstream_url(url: str) -> tuple[str, str, int, str]:
@@ -40,9 +71,7 @@ def parse_upstream_url(url: str) -> tuple[str, str, int, str]:
         raise UsageError(f"malformed upstream URL {url!r}: expected http(s)://HOST[:PORT][/PATH]")
     if parts.username or parts.password:
         raise UsageError("put no credentials in the upstream URL; use --user and the password prompt")
-    base = parts.path.rstrip("/")
-    if base.endswith("/v0"):
-        base = base[:-3]
+    base = parts.path.rstrip("/").removesuffix("/v0")
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), base
 
 
@@ -52,18 +81,98 @@ def decode_metadata(meta: dict) -> dict:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
-                pass  # a non-HIL server sent it raw; keep the string
+            except (ValueError, RecursionError):
+                pass  # a non-HIL server sent it raw (or nested absurdly deep); keep the string
         out[key] = value
     return out
 
 
+class _CallTimedOut(TimeoutError):
+    """The call's deadline passed (raised between socket operations)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's incoming bytes; each read waits at most until the owner's deadline.
+
+    It reads through the socket's own raw file (``makefile(buffering=0)``), which keeps the
+    socket open while a response still reads from it, as http.client expects of ``makefile``.
+    """
+
+    def __init__(self, sock: socket.socket, owner: _Bounded):
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+        self._owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        self._sock.settimeout(self._owner.time_left())
+        return self._raw.readinto(buf)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """The connection's socket as http.client sees it: sends and reads bounded by the deadline."""
+
+    def __init__(self, sock: socket.socket, owner: _Bounded):
+        self._sock = sock
+        self._owner = owner
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        return io.BufferedReader(_DeadlineReader(self._sock, self._owner))
+
+    def sendall(self, data, *flags):
+        self._sock.settimeout(self._owner.time_left())  # a bound on the whole sendall since 3.5
+        return self._sock.sendall(data, *flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _Bounded:
+    """Mixin for http.client connections: connect and every socket operation end by `deadline`."""
+
+    deadline = 0.0  # time.monotonic() value; set before each call
+
+    def time_left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _CallTimedOut()
+        return min(left, MAX_SOCKET_TIMEOUT)
+
+    def connect(self) -> None:
+        self.timeout = self.time_left()
+        super().connect()  # type: ignore[misc]  # TCP connect, and the TLS handshake for https
+        self.sock = _DeadlineSocket(self.sock, self)  # type: ignore[has-type]
+
+
+class _HTTP(_Bounded, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPS(_Bounded, http.client.HTTPSConnection):
+    pass
+
+
 class HILClient:
-    def __init__(self, url: str, user: str | None, password: str | None, timeout: float = 30.0):
+    def __init__(self, url: str, user: str | None, password: str | None, timeout: float = 30.0,
+                 max_list_bytes: int = DEFAULT_MAX_LIST_BYTES, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+                 warn: Callable[[str], None] | None = None):
         self.url = url.rstrip("/")
         self.scheme, self.host, self.port, self.base = parse_upstream_url(url)
         self.user = user
-        self.timeout = timeout
+        for what, value in (("timeout", timeout), ("size cap", max_list_bytes), ("size cap", max_doc_bytes)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise UsageError(f"upstream {what} must be a positive, finite number, got {value!r}")
+        self.timeout = float(timeout)
+        self.max_list_bytes = int(max_list_bytes)
+        self.max_doc_bytes = int(max_doc_bytes)
+        self.refused: list[str] = []  # one line per name the upstream sent and rhaas refused
+        self._warn = warn
         self._auth = None
         if user is not None:
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
@@ -71,70 +180,135 @@ class HILClient:
         self._local = threading.local()
 
     # -- transport --------------------------------------------------------------------------
-    def _conn(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    def _conn(self, scheme: str, host: str, port: int) -> _HTTP | _HTTPS:
+        cls = _HTTPS if scheme == "https" else _HTTP
         return cls(host, port, timeout=self.timeout)
 
-    def _pooled(self) -> http.client.HTTPConnection:
+    def _pooled(self) -> _HTTP | _HTTPS:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._conn(self.scheme, self.host, self.port)
         return conn
 
-    def _send(self, conn, method: str, path: str, body: bytes | None, auth: bool):
+    def _drop(self, conn) -> None:
+        conn.close()
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+
+    def _send(self, conn, method: str, path: str, body: bytes | None, auth: bool, deadline: float,
+              cap: int, what: str, content_type: str = "application/json"):
+        conn.deadline = deadline
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         if auth and self._auth:
             headers["Authorization"] = self._auth
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
-        data = resp.read()
+        data = self._read_capped(resp, cap if 200 <= resp.status < 300 else self.max_doc_bytes, what)
         return resp.status, resp.getheader("Location"), data
 
-    def _request(self, method: str, path: str, body: bytes | None):
-        deadline = time.monotonic() + self.timeout
+    def _read_capped(self, resp: http.client.HTTPResponse, cap: int, what: str) -> bytes:
+        """The body, read in chunks up to cap + 1 bytes: a larger answer is refused, not held."""
+        def too_big(size: str) -> UpstreamMisbehaved:
+            return UpstreamMisbehaved(f"upstream {self.url} misbehaved: {what} answered {size}, over the cap of "
+                                      f"{cap} bytes")
+
+        if resp.length is not None and resp.length > cap:
+            raise too_big(f"{resp.length} bytes (Content-Length)")
+        buf = bytearray()
+        while len(buf) <= cap:
+            chunk = resp.read(min(READ_CHUNK, cap + 1 - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+        if len(buf) > cap:
+            raise too_big("more bytes")
+        if resp.length:  # the connection ended before Content-Length was reached
+            raise http.client.IncompleteRead(bytes(buf), resp.length)
+        return bytes(buf)
+
+    def _request(self, method: str, path: str, body: bytes | None, deadline: float, cap: int, what: str,
+                 content_type: str = "application/json"):
         for attempt in (1, 2):
             conn = self._pooled()
             try:
-                return self._send(conn, method, self.base + path, body, auth=True)
+                return self._send(conn, method, self.base + path, body, True, deadline, cap, what, content_type)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # a kept-alive connection the server closed: retry once on a fresh one
-                conn.close()
-                self._local.conn = None
-                if attempt == 2 or time.monotonic() > deadline:
+                self._drop(conn)
+                if attempt == 2 or time.monotonic() >= deadline:
                     raise UpstreamUnreachable(f"upstream {self.url} dropped the connection: {exc}") from None
+            except TimeoutError:  # the call's deadline (socket.timeout is TimeoutError too)
+                self._drop(conn)
+                raise UpstreamUnreachable(
+                    f"upstream {self.url} unreachable: no complete answer within {self.timeout:g} s") from None
             except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._local.conn = None
+                self._drop(conn)
                 raise UpstreamUnreachable(f"upstream {self.url} unreachable: {_why(exc)}") from None
+            except BaseException:
+                self._drop(conn)  # a refused answer: the rest of it may still be on the wire
+                raise
         raise AssertionError("unreachable")
+
+    def _refused(self, line: str) -> None:
+        self.refused.append(line)
+        if self._warn is not None:
+            self._warn(line)
 
     # -- calls --------------------------------------------------------------------------------
     def call(self, name: str, body: dict | None = None, query: dict | None = None, **path_args):
+        """One API call, within one deadline of `timeout` seconds; the JSON answer or None."""
         route = protocol.BY_NAME[name]
         path = route.url_path(**path_args)
         if query:
             path += "?" + urlencode(query)
         raw = json.dumps(body).encode() if body is not None else None
-        status, location, data = self._request(route.method, path, raw)
+        deadline = time.monotonic() + self.timeout
+        cap = self.max_list_bytes if name in NAME_LISTS else self.max_doc_bytes
+        what = f"{route.method} {path}"
+        status, location, data = self._request(route.method, path, raw, deadline, cap, what)
         if status == 307 and route.redirectable and location:
-            status, data = self._follow(route.method, location, raw)
+            status, data = self._follow(route.method, location, raw, deadline, cap, what)
         if 200 <= status < 300:
             if not data.strip():
-                return None
-            try:
-                return json.loads(data)
-            except ValueError:
-                raise HTTPError(f"upstream answered {status} with a body that is not JSON", status=status) from None
+                answer = None
+            else:
+                try:
+                    answer = json.loads(data)
+                except (ValueError, RecursionError):
+                    raise HTTPError(f"upstream answered {status} with a body that is not JSON", status=status) from None
+            return self._checked(name, answer, what, path_args)
         err = error_from_body(status, data)
+        if status == 429:  # rhaas serve's login throttling (HIL itself never answers 429)
+            raise AuthorizationError(
+                f"upstream {self.url} refused the login of user {self.user!r} for now: too many failed logins "
+                f"({err.msg or 'HTTP 429'})", status=429
+            ) from None
         if is_auth_failure(err):
             raise AuthorizationError(
                 f"upstream {self.url} rejected the credentials of user {self.user!r}", status=401
             ) from None
         raise err
 
-    def _follow(self, method: str, location: str, raw: bytes | None):
+    def _checked(self, name: str, answer, what: str, path_args: dict):
+        """The answer after the shape check of its call (hil_answers); calls without one pass as is."""
+        check = Checker(self.url, what, self._refused)
+        if name in NAME_LISTS:
+            return check.names(answer, NAME_LISTS[name])
+        if name == "show_node":
+            return check.node(answer, path_args["node"])
+        if name == "node_power_status":
+            return {"power_status": check.power_status(answer)}
+        if name in ("node_connect_network", "node_detach_network"):
+            return {"status_id": check.status_id(answer)}
+        if name == "show_networking_action":
+            return check.action(answer)
+        if name == "show_network":
+            return check.network(answer)
+        return answer
+
+    def _follow(self, method: str, location: str, raw: bytes | None, deadline: float, cap: int, what: str):
         """Re-send a power/boot call to the obmd-like Location (a token URL: never logged)."""
         parts = urlsplit(location)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -143,11 +317,17 @@ class HILClient:
             target = location
         else:
             scheme, host = parts.scheme, parts.hostname
-            port = parts.port or (443 if scheme == "https" else 80)
+            try:
+                port = parts.port or (443 if scheme == "https" else 80)
+            except ValueError:
+                raise UpstreamMisbehaved(f"upstream {self.url} misbehaved: {what} redirected to a malformed URL") from None
             target = parts.path + ("?" + parts.query if parts.query else "")
         conn = self._conn(scheme, host, port)
         try:
-            status, _, data = self._send(conn, method, target, raw, auth=False)
+            status, _, data = self._send(conn, method, target, raw, False, deadline, cap, what)
+        except TimeoutError:
+            raise UpstreamUnreachable(
+                f"the power endpoint of {self.url} gave no complete answer within {self.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise UpstreamUnreachable(f"the power endpoint of {self.url} is unreachable: {_why(exc)}") from None
         finally:
@@ -158,6 +338,7 @@ class HILClient:
 
     # -- the calls rhaas uses --------------------------------------------------------------------
     def free_nodes(self) -> list[str]:
+        """Names of the upstream's free nodes; names rhaas cannot store are left out (see `refused`)."""
         return self.call("list_nodes", is_free="free")
 
     def all_nodes(self) -> list[str]:
@@ -167,8 +348,9 @@ class HILClient:
         return sorted(self.call("project_nodes", project=project))
 
     def show_node(self, node: str) -> dict:
+        """The node object (name, project, nics, metadata), checked, with metadata decoded."""
         doc = self.call("show_node", node=node)
-        doc["metadata"] = decode_metadata(doc.get("metadata") or {})
+        doc["metadata"] = decode_metadata(doc["metadata"])
         return doc
 
     def connect_node(self, project: str, node: str) -> None:
@@ -193,8 +375,7 @@ class HILClient:
         if op == "off":
             return self.call("node_power_off", node=node)
         if op == "status":
-            doc = self.call("node_power_status", node=node)
-            return (doc or {}).get("power_status")
+            return self.call("node_power_status", node=node)["power_status"]
         raise UsageError(f"unknown power operation {op!r}")
 
     def set_bootdev(self, node: str, dev: str) -> None:
@@ -220,17 +401,82 @@ class HILClient:
                 if exc.status == 404:
                     return "UNKNOWN"
                 raise
-            if doc.get("status") in ("DONE", "ERROR"):
+            if doc["status"] in ("DONE", "ERROR"):
                 return doc["status"]
             if time.monotonic() > deadline:
                 return "PENDING"
             time.sleep(delay)
             delay = min(delay * 2, 2.0)  # poll sparingly: each call costs a real HIL ~0.4 s
 
+    # -- the rhaas.kexec extension (only another `rhaas serve` offers it) --------------------------
+    def active_extensions(self) -> list[str]:
+        doc = self.call("list_active_extensions")
+        return [e for e in doc if isinstance(e, str)] if isinstance(doc, list) else []
+
+    def blob_held(self, sha256: str) -> bool:
+        try:
+            self.call("rhaas_blob_show", sha256=sha256)
+        except APIError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def blob_upload(self, sha256: str, path: str) -> int:
+        """Upload a local file as blob ``sha256``, part by part (protocol.BLOB_PART bytes each,
+        every part one call within the call deadline), then commit it; returns its size."""
+        import os
+
+        size = os.path.getsize(path)
+        offset = 0
+        with open(path, "rb") as fh:
+            while offset < size:
+                part = fh.read(protocol.BLOB_PART)
+                if not part:
+                    raise UsageError(f"{path} shrank while it was being uploaded")
+                self.call_raw("rhaas_blob_part", part, sha256=sha256, offset=str(offset))
+                offset += len(part)
+        self.call("rhaas_blob_commit", {"size": size}, sha256=sha256)
+        return size
+
+    def call_raw(self, name: str, data: bytes, **path_args):
+        """One call of a ``raw_body`` route: ``data`` as an octet-stream body, one deadline."""
+        route = protocol.BY_NAME[name]
+        path = route.url_path(**path_args)
+        deadline = time.monotonic() + self.timeout
+        what = f"{route.method} {path}"
+        status, _, answer = self._request(route.method, path, data, deadline, self.max_doc_bytes, what,
+                                          content_type="application/octet-stream")
+        if not 200 <= status < 300:
+            raise error_from_body(status, answer)
+        return json.loads(answer) if answer.strip() else None
+
+    def kexec_start(self, nodes: list[str], kernel: str, initrd: str, append: str, ssh_keys: list[str],
+                    timeout: float | None = None, fallback: bool = True, blob_url: str | None = None) -> str:
+        body: dict = {"nodes": list(nodes), "kernel": kernel, "initrd": initrd, "append": append,
+                      "ssh_keys": list(ssh_keys), "fallback": bool(fallback)}
+        if timeout is not None:
+            body["timeout"] = float(timeout)
+        if blob_url:
+            body["blob_url"] = blob_url
+        doc = self.call("rhaas_kexec", body)
+        action = doc.get("action_id") if isinstance(doc, dict) else None
+        if not isinstance(action, str) or not protocol.valid_name(action):
+            raise HTTPError("upstream answered a kexec without a valid action_id", status=502)
+        return action
+
+    def kexec_status(self, action_id: str) -> dict:
+        doc = self.call("rhaas_kexec_status", action_id=action_id)
+        if not isinstance(doc, dict) or doc.get("status") not in ("PENDING", "DONE", "ERROR"):
+            raise HTTPError("upstream answered a kexec status that is not one", status=502)
+        return doc
+
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout) or isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError):  # socket.timeout is an alias of TimeoutError
         return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the answer was cut short"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):

@@ -67,7 +67,8 @@ def cli():
 
     \b
     Exit codes: 0 all ok, 1 some nodes failed, 2 usage error,
-                3 upstream unreachable, 130 interrupted.
+                3 upstream unreachable, 4 inventory damaged or unusable,
+                130 interrupted.
     State lives in RHAAS_HOME (default ~/.local/share/rhaas).
     """
 

@@ -77,26 +77,50 @@ def emit_json(doc) -> None:
         click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def expand_nodes(args, complete=False) -> list[str]:
-    """Node arguments: names, nodesets like ``node-[01-16]``, or ``-`` for names on stdin."""
+def expand_nodes(args, what: str = "nodes") -> list[str]:
+    """Node arguments: names, nodesets like ``node-[01-16]``, or ``-`` for names on stdin, one a line.
+
+    Every name is checked (rhaas.model.check_name) before anything is done: one bad name, on the
+    command line or on a line of stdin, is a one-line usage error (exit 2). Nothing at all is a
+    usage error too ("no nodes given").
+    """
+    from rhaas.model import check_name
+
     out: list[str] = []
     for arg in args:
         if arg == "-":
-            for line in sys.stdin.read().split():
-                out.extend(expand_nodes([line]))
+            # one name (or node set) a line, as `rhaas list -q` prints them; a line is never split
+            # further, so a name with a space or a newline cannot turn into two other names
+            for lineno, line in enumerate(sys.stdin.read().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.extend(_expand_one(line.strip()))
+                except UsageError as exc:
+                    raise UsageError(f"stdin line {lineno}: {exc}") from None
             continue
-        if any(c in arg for c in "[],"):
-            from ClusterShell.NodeSet import NodeSet, NodeSetParseError
-
-            try:
-                out.extend(NodeSet(arg))
-            except NodeSetParseError as exc:
-                raise UsageError(f"invalid node set {arg!r}: {exc}") from None
-            continue
-        out.append(arg)
+        out.extend(_expand_one(arg))
     seen = set()
     uniq = [n for n in out if not (n in seen or seen.add(n))]
+    if not uniq:
+        raise UsageError(f"no {what} given")
+    for n in uniq:
+        check_name(n, "node name")
     return uniq
+
+
+def _expand_one(arg: str) -> list[str]:
+    from rhaas.model import check_name
+
+    if any(c in arg for c in "[],"):
+        from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+
+        try:
+            names = list(NodeSet(arg))
+        except NodeSetParseError as exc:
+            raise UsageError(f"invalid node set {arg!r}: {exc}") from None
+        return [check_name(n, "node name") for n in names]
+    return [check_name(arg, "node name")]
 
 
 def is_terminal() -> bool:

@@ -3,6 +3,10 @@
 Every TAB starts a fresh `rhaas` process, so this module imports nothing heavy (no TinyDB,
 no Fabric, no rich): local names come from rhaas.names_index, which reads a few kB file the
 inventory keeps beside itself.
+
+Only names that pass rhaas.model.name_ok are ever offered, whatever a stored inventory, the
+index or the upstream-free cache holds: a hostile upstream name (``$(touch F)``, ``a b;c``, a
+newline) never reaches the command line. The bash script also escapes what it inserts.
 """
 
 from __future__ import annotations
@@ -19,23 +23,32 @@ def _tables() -> dict:
 
 
 def _match(names, incomplete):
-    return [n for n in names if n.startswith(incomplete)]
+    from rhaas.model import name_ok
+
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if name_ok(n) and n.startswith(incomplete)]
+
+
+def _first(rows) -> list:
+    return [r[0] for r in rows if isinstance(r, list) and r]
 
 
 def complete_nodes(ctx, param, incomplete):
-    return _match(sorted(n[0] for n in _tables().get("nodes", [])), incomplete)
+    return _match(sorted(map(str, _first(_tables().get("nodes", [])))), incomplete)
 
 
 def complete_leased(ctx, param, incomplete):
-    return _match(sorted(n[0] for n in _tables().get("nodes", []) if n[1] == "leased"), incomplete)
+    rows = [r for r in _tables().get("nodes", []) if isinstance(r, list) and len(r) > 1 and r[1] == "leased"]
+    return _match(sorted(map(str, _first(rows))), incomplete)
 
 
 def complete_images(ctx, param, incomplete):
-    return _match(sorted(_tables().get("images", [])), incomplete)
+    return _match(sorted(map(str, _tables().get("images", []))), incomplete)
 
 
 def complete_networks(ctx, param, incomplete):
-    return _match(sorted(_tables().get("networks", [])), incomplete)
+    return _match(sorted(map(str, _tables().get("networks", []))), incomplete)
 
 
 UPSTREAM_CACHE_TTL = 30.0
@@ -57,7 +70,7 @@ def complete_upstream_free(ctx, param, incomplete):
         os.environ.setdefault("RHAAS_UPSTREAM_TIMEOUT", "1")
         from rhaas.core.instance import upstream_free_names
 
-        names = upstream_free_names()
+        names = _match(upstream_free_names(), "")
     except Exception:  # noqa: BLE001  # completion must never print a traceback
         return []
     try:

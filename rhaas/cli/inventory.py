@@ -8,7 +8,7 @@ import click
 
 from rhaas.cli.common import App, dry_run_option, emit_json, expand_nodes, json_option, pass_app, quiet_option
 from rhaas.cli.complete import complete_leased, complete_nodes, complete_upstream_free
-from rhaas.cli.output import human_time, phases_text, results, table
+from rhaas.cli.output import human_time, phases_text, results, stderr, table
 from rhaas.errors import UsageError
 from rhaas.model import public_node
 
@@ -29,14 +29,39 @@ def lease(app: App, targets, as_json, dry_run):
     """
     from rhaas.core.lease import lease_nodes
 
-    if len(targets) == 1 and targets[0].isdigit():
-        rows = lease_nodes(app.store, count=int(targets[0]), dry_run=dry_run)
+    count = lease_count(targets)
+    if count is not None:
+        rows = lease_nodes(app.store, count=count, dry_run=dry_run, notify=stderr)
     else:
-        names = expand_nodes(targets)
-        if not names:
-            raise UsageError("no nodes named")
-        rows = lease_nodes(app.store, names=names, dry_run=dry_run)
-    sys.exit(results(rows, as_json, "lease"))
+        rows = lease_nodes(app.store, names=expand_nodes(targets), dry_run=dry_run, notify=stderr)
+    rc = results(rows, as_json, "lease")
+    if rc and any("reconcile" in (r.get("reason") or "") for r in rows):
+        stderr("rhaas: next: run 'rhaas reconcile' once the upstream answers (or any lease/free/list)")
+    sys.exit(rc)
+
+
+def lease_count(targets) -> int | None:
+    """COUNT when TARGETS is one positive whole number; None when they are node names.
+
+    Anything that reads as a number but is not a positive whole number ('0', '-1', '1.5', '1e3')
+    is a usage error, never taken as a node name: nothing is asked of the upstream.
+    """
+    def numeric(text: str) -> bool:
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    nums = [t for t in targets if numeric(t)]
+    if not nums:
+        return None
+    if len(targets) > 1:
+        raise UsageError(f"give either COUNT or node names, not both: {' '.join(targets)!r}")
+    text = targets[0]
+    if not text.isdigit() or int(text) <= 0:
+        raise UsageError(f"not a count or node name: {text!r} (COUNT is a positive whole number)")
+    return int(text)
 
 
 @click.command()
@@ -60,8 +85,6 @@ def free(app: App, names, force, no_standby, as_json, dry_run):
     from rhaas.core.lease import free_nodes
 
     names = expand_nodes(names)
-    if not names:
-        raise UsageError("no nodes named")
     before = None
     if not no_standby and app.setting("standby-image"):
         from rhaas.core.standby import return_to_standby
@@ -70,8 +93,14 @@ def free(app: App, names, force, no_standby, as_json, dry_run):
             return_to_standby(app.store, app.settings, [d["name"] for d in docs])
 
     rows = free_nodes(app.store, names, dry_run=dry_run, force=force, parallel=app.setting("parallel"),
-                      before_release=before)
-    sys.exit(results(rows, as_json, "free"))
+                      before_release=before, notify=stderr)
+    rc = results(rows, as_json, "free")
+    failed = [r["node"] for r in rows if r.get("outcome") == "failed"]
+    if failed:
+        unsure = any("reconcile" in (r.get("reason") or "") for r in rows)
+        stderr("rhaas: next: " + ("run 'rhaas reconcile' once the upstream answers, then " if unsure else "")
+               + "retry with 'rhaas free " + " ".join(failed[:10]) + (" ..." if len(failed) > 10 else "") + "'")
+    sys.exit(rc)
 
 
 @click.command()
@@ -87,7 +116,7 @@ def reconcile(app: App, as_json, dry_run):
     """
     from rhaas.core.lease import reconcile as do_reconcile
 
-    changes = do_reconcile(app.store, dry_run=dry_run)
+    changes = do_reconcile(app.store, dry_run=dry_run, notify=stderr)
     if as_json:
         emit_json(changes)
     elif changes:
@@ -111,13 +140,21 @@ def list_nodes(app: App, which, as_json, quiet):
       rhaas list --available -q | head -8 | rhaas kexec --image b -
       rhaas list --json | jq '.[].name'
     """
-    docs = app.snapshot().nodes()
+    from rhaas.core.kexec.owner import live_views
+
+    _resolve_journal(app)
+    docs = live_views(app.snapshot().nodes())  # a dead kexec run's nodes show as interrupted
     if which == "available":
         docs = [d for d in docs if not d.get("project")]
     elif which == "assigned":
         docs = [d for d in docs if d.get("project")]
     if quiet:
-        sys.stdout.write("".join(d["name"] + "\n" for d in docs))
+        from rhaas.model import name_ok
+
+        for d in docs:
+            if not name_ok(d["name"]):  # an old inventory's bad name would break `| rhaas free -`
+                stderr(f"rhaas: skipped a node with an invalid name {d['name'][:64]!r} (see 'rhaas reconcile')")
+        sys.stdout.write("".join(d["name"] + "\n" for d in docs if name_ok(d["name"])))
         return
     if as_json:
         emit_json([public_node(d) for d in docs])
@@ -139,6 +176,20 @@ def list_nodes(app: App, which, as_json, quiet):
     )
 
 
+def _resolve_journal(app: App) -> None:
+    """Finish what a killed lease/free left in the journal (only then is the upstream asked)."""
+    from rhaas.core import journal
+    from rhaas.errors import RhaasError
+
+    if not journal.stale_entries(app.snapshot()):
+        return
+    try:
+        journal.resolve(app.store, notify=stderr)
+    except RhaasError as exc:
+        stderr(f"rhaas: warning: an interrupted lease or free is not resolved yet ({exc}); "
+               "run 'rhaas reconcile' once the upstream answers")
+
+
 @click.command()
 @click.argument("name", shell_complete=complete_nodes)
 @json_option
@@ -151,8 +202,9 @@ def show(app: App, name, as_json):
       rhaas show node-01 --json
     """
     from rhaas.core.instance import require_node
+    from rhaas.core.kexec.owner import live_view
 
-    pub = public_node(require_node(app.snapshot(), name))
+    pub = public_node(live_view(require_node(app.snapshot(), name)))
     if as_json:
         emit_json(pub)
         return

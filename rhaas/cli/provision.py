@@ -161,11 +161,19 @@ def image_rm(app: App, names: tuple[str, ...]):
 @click.option("--no-fallback", is_flag=True, help="Do not power cycle into PXE when kexec fails.")
 @click.option("--load-only", is_flag=True, help="Stage and load only; jump later with --exec.")
 @click.option("--exec", "do_exec", is_flag=True, help="Jump into what --load-only loaded, and verify.")
+@click.option("--retries", type=click.IntRange(min=0, max=100), default=0, show_default=True,
+              help="Kexec a failed node again up to N times before the fallback.")
+@click.option("--ok-file", type=click.Path(dir_okay=False, writable=True), default=None, metavar="PATH",
+              help="Write the names of the nodes that verified (or loaded), one a line.")
+@click.option("--failed-file", type=click.Path(dir_okay=False, writable=True), default=None, metavar="PATH",
+              help="Write the names of the other nodes, one a line: the input of a retry.")
+@click.option("--via", type=click.Choice(["auto", "ssh", "upstream"]), default="auto", show_default=True,
+              help="Kexec over SSH, or through the upstream's rhaas.kexec (auto: upstream when it offers it).")
 @json_option
 @dry_run_option
 @pass_app
 def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout, connect_timeout,
-          no_fallback, load_only, do_exec, as_json, dry_run):
+          no_fallback, load_only, do_exec, retries, ok_file, failed_file, via, as_json, dry_run):
     """Jump nodes into a new kernel over SSH, and verify they booted it.
 
     Per node: stage the kernel and initrd in the node's cache (setting node-cache-dir,
@@ -174,7 +182,13 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
     with rhaas's and the tenant's SSH keys (always over SSH), `kexec -l` with
     the image's arguments plus rhaas.nonce=<random>, jump, and wait until the node answers
     with a new boot id and the nonce in /proc/cmdline. A node that fails is set to boot
-    from PXE and power cycled through its BMC or upstream (unless --no-fallback).
+    from PXE and power cycled through its BMC or upstream (unless --no-fallback), at most
+    'fallback-window' nodes at a time (setting). --retries N kexecs a failed node again
+    first. A node whose metadata has rhaas.kexec=no goes straight to the power path.
+
+    Nodes leased from another `rhaas serve` that offers rhaas.kexec are kexec'd by the level
+    that holds their SSH access: the image is uploaded there once and the upstream does the
+    above (--via ssh|upstream forces a path; auto takes the upstream when it offers it).
 
     NODE is a name, a node set such as node-[01-16], or '-' to read names from stdin.
 
@@ -184,6 +198,8 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
       rhaas kexec node-07 --kernel ./vmlinuz --initrd ./initrd.gz --append "console=ttyS0"
       rhaas kexec node-[01-64] --image debian --load-only && rhaas kexec node-[01-64] --exec
       rhaas list -q | rhaas kexec - --image debian --json
+      rhaas kexec node-[01-64] --image debian --retries 1 --failed-file failed
+      rhaas kexec --image debian - < failed
 
     Exit status: 0 if every node verified (or loaded, with --load-only); 1 if any node
     failed or came back only through the fallback (named on stderr); 2 for usage errors.
@@ -192,7 +208,8 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
 
     try:
         opts, img, name = _kexec_setup(app, image_name, kernel, initrd, append, parallel, timeout,
-                                       connect_timeout, no_fallback, load_only, do_exec)
+                                       connect_timeout, no_fallback, load_only, do_exec, retries)
+        _check_list_files(ok_file, failed_file)
         names = expand_nodes(nodes)
         if dry_run:
             steps = core.plan(app.snapshot(), names, img, opts, name)
@@ -202,23 +219,72 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
             return
         stats: dict = {}
         with _Progress(len(names), opts.mode) as progress:
-            results = core.kexec_nodes(app.store, app.settings, names, img, opts, name, on_result=progress.update,
-                                       stats=stats)
+            from rhaas.core.kexec.via_upstream import kexec_routed
+
+            results = kexec_routed(app.store, app.settings, names, img, opts, name, on_result=progress.update, via=via,
+                                   stats=stats)
     except RhaasError as exc:
         raise _fail_on(exc) from None
     _render(results, as_json)
     _transfer_summary(results, stats, as_json)
     bad = [r for r in results if r.outcome not in OK_OUTCOMES]
+    _write_lists(results, ok_file, failed_file)
     if bad:
         shown = ", ".join(f"{r.node} ({r.outcome})" for r in bad[:20]) + (
             f" and {len(bad) - 20} more" if len(bad) > 20 else ""
         )
         click.echo(f"rhaas: kexec did not verify on {len(bad)} of {len(results)} nodes: {shown}", err=True)
+        click.echo(f"rhaas: next: {_retry_hint(bad, image_name, kernel, initrd, append, failed_file)}",
+                   err=True)
         sys.exit(1)
 
 
+def _check_list_files(*paths) -> None:
+    """Refuse before the run a list file that could not be written after it."""
+    import os
+
+    for path in paths:
+        if path is None:
+            continue
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            raise UsageError(f"cannot write {path}: {directory} is not a writable directory")
+
+
+def _write_lists(results, ok_file, failed_file) -> None:
+    """The node names that worked and those that did not, one a line, each file replaced atomically."""
+    from rhaas.atomic import write_atomic
+
+    for path, want_ok in ((ok_file, True), (failed_file, False)):
+        if path is None:
+            continue
+        names = [r.node for r in results if (r.outcome in OK_OUTCOMES) == want_ok]
+        try:
+            write_atomic(path, "".join(n + "\n" for n in names), mode=0o644)
+        except OSError as exc:
+            raise CommandError(f"cannot write {path}: {exc.strerror or exc}", 2) from None
+
+
+def _retry_hint(bad, image_name, kernel, initrd, append, failed_file) -> str:
+    """The command that runs the failed nodes again."""
+    import shlex
+
+    if kernel:
+        src = f"--kernel {shlex.quote(kernel)} --initrd {shlex.quote(initrd)}"
+        if append is not None:
+            src += f" --append {shlex.quote(append)}"
+    else:
+        image = image_name or (bad[0].image if len({r.image for r in bad}) == 1 else None)
+        src = f"--image {shlex.quote(image)}" if image else "--image IMAGE"
+    if failed_file:
+        return f"rhaas kexec {src} - < {shlex.quote(failed_file)}"
+    if len(bad) <= 20:
+        return f"rhaas kexec {src} " + " ".join(r.node for r in bad)
+    return f"rerun with --failed-file PATH, then: rhaas kexec {src} - < PATH"
+
+
 def _kexec_setup(app, image_name, kernel, initrd, append, parallel, timeout, connect_timeout,
-                 no_fallback, load_only, do_exec):
+                 no_fallback, load_only, do_exec, retries=0):
     from rhaas.core import images
     from rhaas.core.kexec import KexecOptions, adhoc_image_name
 
@@ -248,7 +314,7 @@ def _kexec_setup(app, image_name, kernel, initrd, append, parallel, timeout, con
         name = img.name
     opts = KexecOptions.from_settings(
         app.settings, mode=mode, timeout=timeout, connect_timeout=connect_timeout, parallel=parallel,
-        fallback=not no_fallback,
+        fallback=not no_fallback, retries=retries,
     )
     return opts, img, name
 
@@ -354,4 +420,6 @@ def _render_plan(steps: list[dict], as_json: bool) -> None:
             click.echo(f"{s['node']}\tcannot kexec\t{s['reason']}")
         else:
             verb = {"full": "would kexec", "load": "would load", "exec": "would jump into"}[s["mode"]]
+            if s.get("power_only"):
+                verb = "would power cycle into PXE (rhaas.kexec=no), not kexec"
             click.echo(f"{s['node']}\t{verb}\t{s['image']}\t{s['ssh']}")

@@ -29,7 +29,8 @@ def serve(app: App, listen, verbose):
     from rhaas.core.serving import parse_listen, start_server
 
     address = parse_listen(listen)
-    server = start_server(app.store, app.settings, address, verbose=verbose)
+    server = start_server(app.store, app.settings, address, verbose=verbose,
+                          warn=lambda line: click.echo(f"rhaas serve: {line}", err=True))
     bound = server.server_address
     click.echo(f"rhaas serve: listening on http://{bound[0]}:{bound[1]}", err=False)
     sys.stdout.flush()
@@ -41,11 +42,11 @@ def serve(app: App, listen, verbose):
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever(poll_interval=0.2)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()
 
 
 @click.group()

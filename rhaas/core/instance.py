@@ -20,7 +20,8 @@ def upstream_password(view) -> str | None:
     return os.environ.get("RHAAS_UPSTREAM_PASSWORD") or view.config().get("upstream-password")
 
 
-def upstream_client(store: Store):
+def upstream_client(store: Store, warn=None):
+    """The HIL client for this instance's upstream; ``warn(line)`` hears of refused upstream names."""
     from rhaas.adapters.hil import HILClient
 
     view = store.snapshot()
@@ -30,7 +31,9 @@ def upstream_client(store: Store):
         raise UsageError("this is a root instance: it has no upstream (run 'rhaas init --upstream URL ...')")
     user, _ = settings_mod.resolve(stored, "user")
     timeout, _ = settings_mod.resolve(stored, "upstream-timeout")
-    return HILClient(url, user, upstream_password(view), timeout=timeout)
+    return HILClient(url, user, upstream_password(view), timeout=timeout, warn=warn,
+                     max_list_bytes=settings_mod.resolve(stored, "upstream-max-list-bytes")[0],
+                     max_doc_bytes=settings_mod.resolve(stored, "upstream-max-doc-bytes")[0])
 
 
 def require_project(view) -> str:
@@ -50,7 +53,9 @@ def init_instance(store: Store, upstream: str | None, project: str | None, user:
 
         if not project or not user:
             raise UsageError("a derived instance needs --project and --user with --upstream")
-        client = HILClient(upstream, user, password, timeout=float(os.environ.get("RHAAS_UPSTREAM_TIMEOUT") or 15))
+        env = os.environ.get("RHAAS_UPSTREAM_TIMEOUT") or None
+        timeout = settings_mod.coerce("upstream-timeout", env, "RHAAS_UPSTREAM_TIMEOUT") if env else 15.0
+        client = HILClient(upstream, user, password, timeout=timeout)
         if check:
             # lists our project's nodes: proves the URL, the credentials and the membership
             client.project_nodes(project)

@@ -78,6 +78,10 @@ def register_node(store, name: str, *, ssh: str | None = None, ipmi: str | None 
 
 def unregister_nodes(store, names: list[str]) -> None:
     """Remove registered nodes that no project holds; leased nodes go back with 'rhaas free'."""
+    if not names:
+        raise UsageError("no nodes given")
+    for n in names:
+        check_name(n, "node name")
     docs = require_nodes(store.snapshot(), names)
     leased = [d["name"] for d in docs if d.get("source") == "leased"]
     if leased:

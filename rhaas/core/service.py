@@ -12,6 +12,7 @@ import threading
 import uuid
 
 from rhaas import protocol
+from rhaas.core.users import hash_password
 from rhaas.errors import (
     APIError,
     AuthorizationError,
@@ -26,7 +27,6 @@ from rhaas.errors import (
     ValidationError,
 )
 from rhaas.model import new_node
-from rhaas.core.users import hash_password
 
 ADMIN_ONLY = "This operation is administrator-only."
 NO_PROJECT_ACCESS = "You do not have access to the required project."
@@ -487,7 +487,8 @@ class Service:
             networks = dict(nic_doc.get("networks") or {})
             if network in networks.values():
                 raise BlockedError("The network is already attached to the nic.")
-            channel = channel or protocol.DEFAULT_CHANNEL
+            if channel is None:  # only an omitted channel is the default; "" is illegal, as in HIL
+                channel = protocol.DEFAULT_CHANNEL
             if channel not in net["channels"]:
                 raise BadArgumentError(f"Channel '{channel}', is not legal for this network.")
             if channel in networks:
@@ -604,5 +605,34 @@ class Service:
             tx.put("users", dict(doc, projects=[p for p in doc["projects"] if p != project]))
 
     def list_active_extensions(self, caller, view):
-        caller.require_admin()
-        return ["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power"]
+        # any authenticated user: a tenant asks it to know whether rhaas.kexec is here
+        self.provision  # noqa: B018 - a tenant that asks is about to use it: start its workers now
+        return sorted(["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power", protocol.KEXEC_EXTENSION])
+
+    # -- the rhaas.kexec extension: rhaas.core.provision_service decides ----------------------------------
+    _provision = None
+    _provision_lock = threading.Lock()
+
+    @property
+    def provision(self):
+        with self._provision_lock:
+            if self._provision is None:
+                from rhaas.core.provision_service import ProvisionService
+
+                self._provision = ProvisionService(self.store, self.settings, self.upstream)
+            return self._provision
+
+    def rhaas_blob_show(self, caller, view, sha256):
+        return self.provision.blob_show(caller, view, sha256)
+
+    def rhaas_blob_part(self, caller, sha256, offset, stream, length):
+        return self.provision.blob_part(caller, sha256, offset, stream, length)
+
+    def rhaas_blob_commit(self, caller, sha256, size):
+        return self.provision.blob_commit(caller, sha256, size)
+
+    def rhaas_kexec(self, caller, **body):
+        return self.provision.kexec(caller, **body)
+
+    def rhaas_kexec_status(self, caller, view, action_id):
+        return self.provision.kexec_status(caller, view, action_id)

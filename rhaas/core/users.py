@@ -26,13 +26,7 @@ _MEMO_MAX = 10000
 def hash_password(password: str) -> str:
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=32)
-    return "scrypt$%d$%d$%d$%s$%s" % (
-        _N,
-        _R,
-        _P,
-        base64.b64encode(salt).decode(),
-        base64.b64encode(digest).decode(),
-    )
+    return f"scrypt${_N}${_R}${_P}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def _check(password: str, stored: str) -> bool:

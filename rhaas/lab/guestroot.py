@@ -23,7 +23,7 @@ IMAGE_IDS = ("standby", "second")
 STANDBY = "standby"
 
 #: Modules to load, roots only; dependencies are resolved with modinfo.
-MODULE_ROOTS = ("virtio_pci", "virtio_net", "virtio_rng")
+MODULE_ROOTS = ("virtio_pci", "virtio_net", "virtio_rng", "virtio_blk")  # virtio_blk: the cache disk
 
 #: Binaries copied into the image: (path in unpacked tree, path in image).
 BINARIES = (

@@ -9,6 +9,8 @@ Each VM lives in its own *node directory* holding:
 ``qemu.pid``      QEMU's own pidfile; ``monitor.sock`` its HMP monitor
 ``console.log``   serial console (appended across restarts)
 ``qemu.log``      QEMU's stderr; ``lock`` serialises power operations
+``cache-disk.raw`` image cache disk: sparse, virtio-blk serial ``rhaas-cache``; the guest's rc.sh
+                  formats it once and mounts it at /run/rhaas, so images survive kexec (``cache_disk_mb``)
 
 Boot device -> image: ``pxe`` boots the standby image; anything else is a
 "disk" boot and boots :meth:`VM.disk_image`: the id in ``disk-image`` if that
@@ -98,6 +100,7 @@ class VMConfig:
     standby_image: str = "standby"
     memory_mb: int = 256
     firmware_delay_ms: int = 0
+    cache_disk_mb: int = 256
     cmdline: str = DEFAULT_CMDLINE
     qemu: str = QEMU_BINARY
 
@@ -152,6 +155,24 @@ class VM:
     @property
     def ssh_port(self) -> int:
         return self.config.ssh_port
+
+    @property
+    def cache_disk(self) -> Path:
+        return self.dir / "cache-disk.raw"
+
+    def _ensure_cache_disk(self) -> Path | None:
+        """The node's cache disk file, made sparse on first use (None if the node has none)."""
+        size = int(self.config.cache_disk_mb) * 1024 * 1024
+        if size <= 0:
+            return None
+        if "," in str(self.cache_disk):
+            raise LabError(f"{self.name}: node directory must not contain a comma: {self.dir}")
+        if not self.cache_disk.exists():
+            tmp = self.dir / f".cache-disk.{os.getpid()}"
+            with open(tmp, "wb") as fh:
+                fh.truncate(size)
+            os.replace(tmp, self.cache_disk)
+        return self.cache_disk
 
     @contextlib.contextmanager
     def _lock(self):
@@ -248,6 +269,10 @@ class VM:
             "-pidfile", str(self.pidfile),
             "-daemonize",
         ]
+        if int(c.cache_disk_mb) > 0:
+            argv[argv.index("-kernel"):argv.index("-kernel")] = [
+                "-drive", f"file={self.cache_disk},if=none,id=cache0,format=raw,discard=unmap",
+                "-device", "virtio-blk-pci,drive=cache0,serial=rhaas-cache"]
         if c.firmware_delay_ms > 0:
             argv[argv.index("-kernel"):argv.index("-kernel")] = [
                 "-boot", f"menu=on,splash-time={int(c.firmware_delay_ms)}"]
@@ -272,6 +297,7 @@ class VM:
         for stale in (self.pidfile, self.monitor):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
+        self._ensure_cache_disk()
         nonce = secrets.token_hex(6)
         argv = self.qemu_argv(image_id, nonce)
         with open(self.dir / "qemu.log", "ab") as log:

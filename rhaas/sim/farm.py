@@ -33,6 +33,11 @@ Faults, per node, from ``DIR/faults.json`` (re-read when it changes)::
 seconds down), ``refuse_ssh`` (connections are dropped before the SSH banner), and
 ``power_file``: a file holding ``0``/``1`` (e.g. an ``ipmi_sim`` BMC's power state) that the
 node follows: ``0`` powers it off, ``1`` boots it afresh (network boot, no rhaas nonce).
+``dies_slowly`` (seconds, e.g. ``{"dies_slowly": 1.0}``): after ``kexec -e`` the old kernel
+takes that long to go away, as a real dying one does: it still accepts connections, but
+cuts every session it is asked for: a channel closed without exit status, half an answer
+then a close, a reset connection, or a login cut short (in turn). ``load_fails_first`` (a
+count N): the node's first N ``kexec -l`` fail, later ones work.
 Image pulls (:mod:`rhaas.sim.pull`): ``no_http_client`` (no curl or wget on the node),
 ``peer_bad_bytes`` (it serves other bytes to peers), ``peer_dies`` (its server drops peers
 mid-transfer).
@@ -267,6 +272,9 @@ class Farm:
         command = process.command
         if self._cmd_log is not None:
             self._cmd_log.write(f"{node.name}\t{command!r}\n")
+        if node.dying:  # dies_slowly: the old kernel cuts the session before it answers
+            node.cut(process)
+            return
         if command is None:
             process.stderr.write(b"this simulated node has no interactive shell\n")
             process.exit(1)

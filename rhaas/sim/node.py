@@ -49,6 +49,9 @@ class SimNode:
         self.conns: set = set()
         self.frozen: list = []  # connections of a node that vanished (never_returns)
         self.stuck = False  # down for good until its never_returns fault is lifted
+        self.dying = False  # between kexec -e and going down, with the dies_slowly fault
+        self.cuts = 0  # sessions cut while dying (picks the next way to cut one)
+        self.load_failures = 0  # kexec -l refused by load_fails_first so far
         self.options: asyncssh.SSHServerConnectionOptions | None = None
         self.listen_options: asyncssh.SSHServerConnectionOptions | None = None  # built from options once
 
@@ -154,7 +157,9 @@ class SimNode:
             if not ok:
                 fds[2].write(f"kexec: cannot open {what} {path}: No such file or directory\n".encode())
                 return 1
-        if self.farm.fault(self.name, "load_fails"):
+        if self.farm.fault(self.name, "load_fails") or self.load_failures < int(
+                self.farm.fault(self.name, "load_fails_first") or 0):
+            self.load_failures += 1
             fds[2].write(b"kexec_load failed: Device or resource busy\n")
             return 1
         self.loaded = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline or ""}
@@ -183,6 +188,11 @@ class SimNode:
     async def reboot(self) -> None:
         """``kexec -e``: the node vanishes, stays away for the down time, then the new kernel runs."""
         loaded = self.loaded
+        dying = float(self.farm.fault(self.name, "dies_slowly") or 0)
+        if dying > 0:  # the old kernel goes away slowly, cutting the sessions it still accepts
+            self.dying = True
+            await asyncio.sleep(dying)
+            self.dying = False
         from rhaas.sim.pull import kill_helpers
 
         kill_helpers(self)  # a new kernel: no process of the old one survives
@@ -224,6 +234,22 @@ class SimNode:
         await self.farm.listen(self)
         self.up = True
         self.farm.save_state(self)
+
+    def cut_way(self) -> int:
+        """dies_slowly: how to cut the next session (0 no exit status, 1 half an answer,
+        2 a reset, 3 the login cut short)."""
+        self.cuts += 1
+        return self.cuts % 4
+
+    def cut(self, process) -> None:
+        """dies_slowly: a session of a dying kernel, cut before it can answer."""
+        way = self.cut_way()
+        if way == 1:
+            process.stdout.write(self.boot_id[:9].encode())
+        if way in (2, 3):
+            process.get_extra_info("connection").abort()
+            return
+        process.close()  # the channel closes without an exit status
 
     def state(self) -> dict:
         return {

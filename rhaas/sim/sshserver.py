@@ -57,6 +57,9 @@ class NodeServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self.node.dying and self.node.cut_way() == 3:  # dies_slowly: the login is cut short
+            asyncio.get_running_loop().call_soon(self.conn.abort)
+            return False
         return username == "root" and key.public_data in self.node.farm.authorized()
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lab_helpers import STATE_CMD, parse_state  # noqa: E402 - beside this script
+from lab_helpers import STATE_CMD, parse_state
 
-from rhaas.lab import Lab, build_guest, default_cache_dir  # noqa: E402
+from rhaas.lab import Lab, build_guest, default_cache_dir
 
 
 def bench_lab(delay: float, cache: Path, workdir: Path) -> dict[str, float]:

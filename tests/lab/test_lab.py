@@ -171,9 +171,8 @@ def test_ipmi_wrong_password_rejected(lab):
 
     node = lab.nodes[0]
     conn = ipmi_connection(node.ipmi["host"], node.ipmi["port"], "admin", "wrongpassword")
-    with pytest.raises(AuthenticationError):
-        with conn:
-            conn.get_chassis_status()
+    with pytest.raises(AuthenticationError), conn:
+        conn.get_chassis_status()
 
 
 # ---------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_authorized_keys_overlay():
 
 def _chassis(node_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CHASSIS), str(node_dir), *args],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def test_chassis_script_state_only(tmp_path):

@@ -4,6 +4,10 @@
 everything that can be checked without contacting it), marks them provisioning in one
 transaction, hands them to :mod:`rhaas.core.kexec.scheduler`, and records all results in one
 more transaction at the end, whatever the number of nodes (and also when interrupted).
+
+The first write also names the run's owner (:mod:`rhaas.core.kexec.owner`): if this process
+dies before the second write, readers show its nodes ``interrupted``, not ``provisioning``.
+A node another live run is provisioning is refused (only an event).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable, Iterable
 
 from rhaas import model
 from rhaas.core.images import Image, check_files, file_sha256
+from rhaas.core.kexec import owner as run_owner
 from rhaas.core.kexec.plan import (
     MODES,
     Context,
@@ -21,9 +26,11 @@ from rhaas.core.kexec.plan import (
     KexecOptions,
     KexecResult,
     kernel_cmdline,
+    kexec_disabled,
     lookup_nodes,
     new_nonce,
     node_overlay,
+    power_only_refusal,
 )
 from rhaas.core.kexec.scheduler import run_jobs
 from rhaas.errors import RhaasError, UsageError
@@ -45,6 +52,7 @@ def kexec_nodes(
     image_name: str | None = None,
     on_result: Callable[[KexecResult], None] | None = None,
     actor: str | None = None,
+    tenant_keys: list[str] | None = None,
     stats: dict | None = None,
 ) -> list[KexecResult]:
     """Provision ``names`` with ``image`` (None for ``exec`` mode); results in input order.
@@ -79,6 +87,14 @@ def kexec_nodes(
         except RhaasError as exc:
             early[name] = KexecResult(name, "failed", image_name, None, doc.get("boot_id"), str(exc))
             continue
+        skip = kexec_disabled(doc)
+        refusal = power_only_refusal(opts) if skip else None
+        if refusal:
+            early[name] = KexecResult(
+                name, "failed", image_name if opts.mode != "exec" else doc.get("loaded_image"), None,
+                doc.get("boot_id"), refusal, keep_status=True,
+            )
+            continue
         if opts.mode == "exec":
             if not (doc.get("status") == model.STATUS_LOADED and doc.get("nonce")):
                 early[name] = KexecResult(
@@ -91,7 +107,8 @@ def kexec_nodes(
             continue
         nonce = new_nonce()
         try:
-            overlay = node_overlay(doc, public)
+            # tenant_keys: the overlay keys a `rhaas serve` caller asked for, instead of the node's
+            overlay = node_overlay(doc if tenant_keys is None else {**doc, "tenant_ssh_keys": tenant_keys}, public)
         except (RhaasError, ValueError) as exc:
             early[name] = KexecResult(name, "failed", image_name, None, doc.get("boot_id"), str(exc))
             continue
@@ -105,18 +122,35 @@ def kexec_nodes(
                 overlay_sha=hashlib.sha256(overlay).hexdigest(),
                 initrd_sha=combined.hexdigest(),
                 image=image_name,
-                index=len(jobs),
+                skip_kexec=skip,
             )
         )
 
     started = time.time()
+    me = run_owner.current(started)
     with store.transaction(actor) as tx:
-        marked = []
+        marked, mine = [], []
         for job in jobs:
             cur = tx.node(job.doc["name"])
-            if cur is not None:
-                marked.append({**cur, "status": model.STATUS_PROVISIONING, "nonce": job.nonce, "updated": started})
+            if cur is None:
+                mine.append(job)
+                continue
+            other = cur.get("kexec_run")
+            if cur.get("status") == model.STATUS_PROVISIONING and run_owner.alive(other) and other.get("pid") != me["pid"]:
+                early[job.doc["name"]] = KexecResult(
+                    job.doc["name"], "failed", job.image, None, cur.get("boot_id"),
+                    f"another kexec run (pid {other['pid']}, started {run_owner.started_text(other)}) is provisioning it",
+                    keep_status=True,
+                )
+                continue
+            mine.append(job)
+            marked.append({
+                **cur, "status": model.STATUS_PROVISIONING, "nonce": job.nonce, "updated": started, "kexec_run": me,
+            })
         tx.put_nodes(marked)
+    jobs = mine
+    for i, job in enumerate(jobs):  # places in the run's shared source table (rhaas.core.kexec.sources)
+        job.index = i
 
     origin, pull = _origin(image, opts, jobs) if jobs and opts.mode != "exec" else (None, None)
     ctx = Context(opts, image, pkey, settings, store, pull=pull, after_fork=origin.start if origin else None)
@@ -178,11 +212,14 @@ def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str
                 detail["reason"] = r.reason
             if r.phases:
                 detail["phases"] = {k: round(v, 3) for k, v in r.phases.items()}
+            if r.attempts > 1:
+                detail["attempts"] = r.attempts
             tx.event("kexec", r.node, r.outcome, **detail)
             cur = tx.node(r.node)
             if cur is None or r.keep_status:  # unregistered meanwhile, or left as it was
                 continue
             doc = dict(cur)
+            doc.pop("kexec_run", None)
             doc.update(status=_STATUS[r.outcome], reason=r.reason, updated=r.finished or time.time())
             if r.phases:
                 doc["phases"] = dict(r.phases)

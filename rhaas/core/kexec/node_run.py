@@ -11,8 +11,17 @@ Per node, over SSH (:mod:`rhaas.adapters.ssh`), with the commands of
 2. the node is polled until it answers with a new boot id (the old kernel's sshd may still
    answer for a moment: its boot id means "not yet"), and ``/proc/cmdline`` must hold the
    run's ``rhaas.nonce=``;
-3. a node that fails any step after it was asked to jump, or before it could be, goes
-   through its power backend (boot device PXE, power cycle) unless ``fallback`` is off.
+3. a node that fails any step after it was asked to jump, or before it could be, tries
+   again up to ``retries`` times, then goes through its power backend (boot device PXE,
+   power cycle) unless ``fallback`` is off. A node whose metadata says ``rhaas.kexec=no``
+   goes to its power backend at once. At most ``fallback_window`` nodes of the run are in a
+   power cycle at once (from the cycle until the new boot is verified or given up), and at
+   most ``bmc_parallel`` BMC calls are in flight: both are semaphores shared by every
+   thread and worker process of the run (:class:`~rhaas.core.kexec.plan.Context`).
+
+After the jump only a readable boot id decides: a poll that connects and then loses its
+session (no exit status, EOF, a reset, a cut banner or login) or reads nothing usable is
+"not yet", like a refused connection; the deadline alone turns "not yet" into a failure.
 
 A step returns when the node's next step is due (or None once it is done), so that
 :mod:`rhaas.core.kexec.scheduler` can keep a waiting node off its threads.
@@ -61,7 +70,14 @@ class NodeRun(Staging):
         self.hold_until = 0.0
         self.wait_s = 0.0  # staging: waiting for a source, then running fetch commands
         self.fetch_s = 0.0
+        self.retries_left = self.opts.retries
+        self.attempts = 1
+        self.holds_cycle_slot = False
         self._next = self._load
+        if job.skip_kexec:  # metadata rhaas.kexec=no: straight to the power path
+            self.kexec_reason = "skipped"
+            self._next = self._fallback
+            self._settle()  # it fetches nothing: serving nodes need not wait for it
 
     def step(self) -> float | None:
         from rhaas.adapters.ssh import AuthFailed, HostKeyChanged, HostKeyUnknown
@@ -84,23 +100,46 @@ class NodeRun(Staging):
         self._close_sess()
         if self.dropped:
             self.transfer = {**self.transfer, "dropped": list(self.dropped)}
+        if self.holds_cycle_slot:
+            self.holds_cycle_slot = False
+            self.ctx.cycle_slots.release()
         self.result = KexecResult(
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
             fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
-            transfer=dict(self.transfer),
+            attempts=self.attempts, transfer=dict(self.transfer),
         )
         self.link = None
+
+    def _why_fallback(self) -> str:
+        if self.job.skip_kexec:
+            return "kexec skipped: node metadata rhaas.kexec=no"
+        return f"kexec failed: {self.kexec_reason}"
 
     def _failed(self, reason: str, fallback: bool = True) -> float | None:
         self._settle()
         self._close_sess()
         if self.kexec_reason is not None:  # the fallback itself failed
-            return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; fallback failed: {reason}")
+            return self._finish("failed", self.old_boot_id, f"{self._why_fallback()}; fallback failed: {reason}")
+        if fallback and self.retries_left > 0:
+            return self._retry()
         if not (fallback and self.opts.fallback and self.opts.mode != "load"):
             return self._finish("failed", self.old_boot_id, reason)
         self.kexec_reason = reason
         self._next = self._fallback
         return time.monotonic()
+
+    def _retry(self) -> float:
+        """Start the kexec over (``--retries``): stage/load/jump again, then wait as before."""
+        self.retries_left -= 1
+        self.attempts += 1
+        self.down_at = None
+        self.saw_old = False
+        self.last_poll_error = None
+        self.busy_wait = self.opts.poll_interval
+        for k in ("down", "up", "verify"):
+            self.phases.pop(k, None)
+        self._next = self._load
+        return time.monotonic() + self.opts.poll_interval
 
     # -- steps -------------------------------------------------------------------------------------
     def _connect(self, connect_timeout: float, command_timeout: float):
@@ -199,12 +238,17 @@ class NodeRun(Staging):
                 r = sess.run(Commands.read_boot())
                 boot_id, cmdline = Commands.parse_boot(r)
                 t_end = time.monotonic()
-        except (Unreachable, CommandTimeout):
+        except (Unreachable, CommandTimeout) as exc:
             # an sshd dying under us (the old kernel going away): not an answer yet
             self.polls["down"] += 1
+            self.last_poll_error = str(exc)
             return self._again(self.opts.poll_interval)
         if boot_id is None:
-            return self._failed(f"cannot read the boot id: {r.why()}")
+            # the session closed without an exit status (-1), or the answer is empty or not a
+            # boot id: a dying kernel cuts sessions like this. Not an answer; the deadline decides.
+            self.polls["down"] += 1
+            self.last_poll_error = f"cannot read the boot id: {r.why()}"
+            return self._again(self.opts.poll_interval)
         if boot_id == self.old_boot_id:
             # still the old kernel (or it came back unchanged): ask again later, more slowly
             self.saw_old = True
@@ -216,7 +260,7 @@ class NodeRun(Staging):
         self.phases["up"] = t_up - down_at
         self.phases["verify"] = t_end - t_v
         if self.kexec_reason is not None:
-            return self._finish("fallback", boot_id, f"kexec failed: {self.kexec_reason}")
+            return self._finish("fallback", boot_id, self._why_fallback())
         nonce_arg = f"rhaas.nonce={self.job.nonce}"
         if not cmdline_has(cmdline, nonce_arg):
             self.old_boot_id = boot_id  # a fallback must see yet another boot
@@ -239,17 +283,23 @@ class NodeRun(Staging):
         try:
             from rhaas.core.power import backend_for
         except ImportError:
-            return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; no power backend")
+            return self._finish("failed", self.old_boot_id, f"{self._why_fallback()}; no power backend")
         try:
             backend = backend_for(self.job.doc, self.ctx.settings, self.ctx.store)
         except RhaasError:
             backend = None
         if backend is None:
-            return self._finish("failed", self.old_boot_id, f"kexec failed: {self.kexec_reason}; no power backend")
+            return self._finish("failed", self.old_boot_id, f"{self._why_fallback()}; no power backend")
+        # the reboot window: a slot from the power cycle until the new boot is verified or
+        # given up (released in _finish). A node without one waits off the threads.
+        if not self.holds_cycle_slot:
+            if self.ctx.cycle_slots is not None and not self.ctx.cycle_slots.acquire(False):
+                return time.monotonic() + self.opts.poll_interval
+            self.holds_cycle_slot = self.ctx.cycle_slots is not None
         if self.old_boot_id is None:
             self.old_boot_id = self._current_boot_id()
-        backend.set_bootdev("pxe")
-        backend.power("cycle")
+        self._bmc(backend.set_bootdev, "pxe")
+        self._bmc(backend.power, "cycle")
         self.fired_at = time.monotonic()
         self.deadline = self.fired_at + self.opts.timeout
         self.down_at = None
@@ -260,6 +310,15 @@ class NodeRun(Staging):
             self.phases.pop(k, None)
         self._next = self._poll
         return self.fired_at + self.opts.first_poll
+
+    def _bmc(self, call, arg: str) -> None:
+        """One BMC call, within the run's bound on BMC calls in flight."""
+        slots = self.ctx.bmc_slots
+        if slots is None:
+            call(arg)
+            return
+        with slots:
+            call(arg)
 
     def _current_boot_id(self) -> str | None:
         """The boot id before a power cycle, when the kexec never got far enough to read it."""

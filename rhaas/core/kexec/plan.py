@@ -39,6 +39,9 @@ class KexecOptions:
     busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
     poll_lag: float = 2.0  # a due poll may wait this long behind nodes that have not started
     processes: int | None = None  # None: decided by the number of nodes and CPUs
+    retries: int = 0  # kexec attempts again after a failure, before the fallback
+    fallback_window: int = 50  # power cycles in flight at once, over the whole run
+    bmc_parallel: int = 16  # BMC calls in flight at once, over the whole run
     # images at scale (settings node-cache-dir, blob-*): see rhaas.core.kexec.sources
     cache_dir: str = "/run/rhaas"
     blob_listen: str = "127.0.0.1"
@@ -56,10 +59,12 @@ class KexecOptions:
         connect_timeout: float | None = None,
         parallel: int | None = None,
         fallback: bool = True,
+        retries: int = 0,
     ) -> KexecOptions:
-        """Options from the ``timeout``, ``connect-timeout`` and ``parallel`` settings (their
-        built-in defaults where unset), each overridden by a given value (a command-line
-        option). A remote command may take ``max(30 s, 3 x connect timeout)``."""
+        """Options from the ``timeout``, ``connect-timeout``, ``parallel``, ``fallback-window``
+        and ``bmc-parallel`` settings (their built-in defaults where unset), each overridden by
+        a given value (a command-line option). A remote command may take
+        ``max(30 s, 3 x connect timeout)``."""
 
         def pick(given, key: str, typ: type):
             return typ(given or settings.get(key) or SETTINGS[key][1])
@@ -87,6 +92,9 @@ class KexecOptions:
             command_timeout=max(30.0, 3 * connect),
             parallel=pick(parallel, "parallel", int),
             fallback=fallback,
+            retries=max(0, int(retries or 0)),
+            fallback_window=pick(None, "fallback-window", int),
+            bmc_parallel=pick(None, "bmc-parallel", int),
         )
 
 
@@ -104,6 +112,7 @@ class KexecResult:
     finished: float = 0.0
     polls: dict = field(default_factory=dict)  # after the jump: {"down": n, "old": n} attempts
     keep_status: bool = False  # refused before anything was asked of the node: only an event
+    attempts: int = 1  # kexec attempts (1 + the retries used)
     # how the image reached the node: path cache|origin|peer|sftp, bytes, source, dropped sources
     transfer: dict = field(default_factory=dict)
 
@@ -133,6 +142,7 @@ class Job:
     overlay_sha: str | None = None
     initrd_sha: str | None = None  # of the node's initrd: image initrd + overlay
     image: str | None = None
+    skip_kexec: bool = False  # node metadata rhaas.kexec is false: the power path only
     index: int = 0  # the node's place in the run (rhaas.core.kexec.sources)
 
 
@@ -143,8 +153,30 @@ class Context:
     pkey: object
     settings: dict
     store: object
+    # shared by every thread and worker process of the run (set by the scheduler):
+    cycle_slots: object = None  # a semaphore of fallback_window power cycles in flight
+    bmc_slots: object = None  # a semaphore of bmc_parallel BMC calls in flight
     pull: object = None  # rhaas.core.kexec.sources.Pull when the image can be pulled over HTTP
     after_fork: object = None  # called once the worker processes exist (starts the origin's threads)
+
+
+def kexec_disabled(doc: dict) -> bool:
+    """Node metadata ``rhaas.kexec`` is false (hil-api.md section 7): the bool false, or the
+    string ``no``/``false`` (any case; also JSON-quoted, as HIL double-encodes values)."""
+    value = (doc.get("metadata") or {}).get("rhaas.kexec")
+    if value is False:
+        return True
+    if isinstance(value, str):
+        return value.strip().strip('"').strip().lower() in ("no", "false")
+    return False
+
+
+def power_only_refusal(opts: KexecOptions) -> str | None:
+    """Why a ``rhaas.kexec=no`` node cannot take part in a run with ``opts``, or None."""
+    if opts.mode == "full" and opts.fallback:
+        return None
+    why = "--no-fallback" if opts.mode == "full" else "--load-only" if opts.mode == "load" else "--exec"
+    return f"node metadata rhaas.kexec=no: it boots through its power path only, not with {why}"
 
 
 def new_nonce() -> str:
@@ -212,8 +244,13 @@ def plan(snapshot, names: Iterable[str], image: Image | None, opts: KexecOptions
                 cmdline=kernel_cmdline(image.append, "<nonce>"),
                 cache=f"{opts.cache_dir}/{image.kernel.sha256}",
             )
+        power_only = kexec_disabled(doc)
+        if power_only:
+            step["power_only"] = True  # PXE and a power cycle, no kexec
         if not doc.get("ssh"):
             step["reason"] = "no SSH address"
+        elif power_only:
+            step["reason"] = power_only_refusal(opts)
         elif opts.mode == "exec" and not (doc.get("status") == model.STATUS_LOADED and doc.get("nonce")):
             step["reason"] = f"not loaded (status {doc.get('status')}); run 'rhaas kexec --load-only' first"
         out.append(step)

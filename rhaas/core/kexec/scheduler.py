@@ -4,6 +4,11 @@ Nodes are split over up to ``os.cpu_count()`` forked worker processes (the SSH h
 are CPU-bound Python), each running a fixed pool of threads (:class:`Pool`). A node that
 waits for its reboot holds no thread: its next poll sits in a timer heap. Results come back
 to the parent over a pipe per worker, as they finish.
+
+The run's limits on power cycles and BMC calls are semaphores made here, before the fork,
+so every worker shares them. A worker dies with its parent: it asks the kernel for SIGKILL
+when the parent goes (``prctl(PR_SET_PDEATHSIG)``, Linux) and otherwise watches its parent's
+PID, so a SIGKILL of ``rhaas kexec`` leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ def run_jobs(jobs: list[Job], ctx: Context) -> Iterator[KexecResult]:
         return
     procs = _process_count(len(jobs), ctx.opts)
     if procs == 1:
+        ctx.cycle_slots = threading.BoundedSemaphore(max(1, ctx.opts.fallback_window))
+        ctx.bmc_slots = threading.BoundedSemaphore(max(1, ctx.opts.bmc_parallel))
         if ctx.after_fork:
             ctx.after_fork()
         yield from _run_in_threads(jobs, ctx, max(1, min(ctx.opts.parallel, len(jobs))))
@@ -80,12 +87,16 @@ def _run_in_processes(jobs: list[Job], ctx: Context, procs: int):
     import fabric  # noqa: F401 - imported once here, so no worker spends its first 0.2 s on it
 
     fork = mp.get_context("fork")
+    # shared by all workers (inherited over the fork)
+    ctx.cycle_slots = fork.BoundedSemaphore(max(1, ctx.opts.fallback_window))
+    ctx.bmc_slots = fork.BoundedSemaphore(max(1, ctx.opts.bmc_parallel))
+    parent = os.getpid()
     per_proc = max(1, -(-ctx.opts.parallel // procs))
     children = []
     for i in range(procs):
         share = jobs[i::procs]
         recv, send = fork.Pipe(duplex=False)
-        p = fork.Process(target=_child_main, args=(share, ctx, per_proc, send), daemon=True)
+        p = fork.Process(target=_child_main, args=(share, ctx, per_proc, send, parent), daemon=True)
         p.start()
         send.close()
         children.append((p, recv, {j.doc["name"] for j in share}))
@@ -123,7 +134,30 @@ def _run_in_processes(jobs: list[Job], ctx: Context, procs: int):
             p.join(timeout=5)
 
 
-def _child_main(jobs: list[Job], ctx: Context, threads: int, send) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when its parent ends, however it ends (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent:  # the parent was gone before the signal was armed
+        os._exit(1)
+    if armed:
+        return
+
+    def watch() -> None:  # no prctl: a thread notices that the worker was re-parented
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kexec-parent-watch", daemon=True).start()
+
+
+def _child_main(jobs: list[Job], ctx: Context, threads: int, send, parent: int) -> None:
+    _die_with_parent(parent)
     # the parent handles Ctrl-C and stops its workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker lives for one run. What it inherited from the parent is not garbage, so the

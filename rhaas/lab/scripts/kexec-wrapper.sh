@@ -15,7 +15,14 @@ while pidof dropbear >/dev/null && [ $i -lt 30 ]; do
     usleep 100000
     i=$((i + 1))
 done
+# a cache disk must be clean before the jump (kexec does not flush or unmount)
+ro=
+sync
+for m in $(awk '$1 ~ "^/dev/vd" && $4 ~ "^rw" {print $2}' /proc/mounts); do
+    mount -o remount,ro "$m" && ro="$ro $m"
+done
 $real "$@"
 rc=$?
+for m in $ro; do mount -o remount,rw "$m"; done
 rm -f /run/rhaas-kexec-firing
 exit $rc

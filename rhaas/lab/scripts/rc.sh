@@ -18,13 +18,37 @@ done < /etc/modules.order
 image=$(cat /etc/rhaas-image)
 ipspec=
 host="rhaas-$image"
+cache=/run/rhaas
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         rhaas_ip=*|rhaas.ip=*) ipspec=${arg#*=} ;;
         rhaas.hostname=*) host=${arg#*=} ;;
+        rhaas.cache=/*) cache=${arg#*=} ;;
     esac
 done
 hostname "$host"
+
+# The node's image cache disk (virtio-blk, serial rhaas-cache), if it has one: ext2, made on
+# first use, mounted at the cache directory so images survive kexec and power cycles.
+cachefs=ram
+disk=
+for b in /sys/block/vd*; do
+    [ "$(cat "$b/serial" 2>/dev/null)" = rhaas-cache ] && disk=/dev/${b##*/}
+done
+if [ -n "$disk" ]; then
+    mkdir -p "$cache"
+    if mount -t ext4 -o noatime "$disk" "$cache" 2>/dev/null; then
+        cachefs=disk
+    else
+        echo "rhaas: formatting the cache disk $disk"
+        if mke2fs -F -L rhaas-cache "$disk" >/dev/null 2>&1 && mount -t ext4 -o noatime "$disk" "$cache"; then
+            cachefs=disk-new
+        else
+            echo "rhaas: cache disk $disk unusable; the cache stays in RAM"
+        fi
+    fi
+    chmod 0755 "$cache"
+fi
 ip link set lo up
 
 i=0
@@ -45,4 +69,4 @@ ip addr add "$addr" dev eth0
 ip link set eth0 up
 [ -n "$gw" ] && ip route add default via "$gw"
 
-echo "RHAAS-READY image=$image uptime=$(cut -d' ' -f1 /proc/uptime) boot_id=$(cat /proc/sys/kernel/random/boot_id) cmdline=$(cat /proc/cmdline)"
+echo "RHAAS-READY image=$image cache=$cachefs uptime=$(cut -d' ' -f1 /proc/uptime) boot_id=$(cat /proc/sys/kernel/random/boot_id) cmdline=$(cat /proc/cmdline)"
