@@ -285,3 +285,17 @@ def test_node_cache_dir_is_honoured_and_a_cached_image_costs_nothing(sim_farm, f
     assert r.exit_code == 0, r.output
     assert all(second[n]["transfer"] == {"path": "cache", "bytes": 0} for n in names)
     assert summary["origin_bytes"] == 0
+
+
+@pytest.mark.parametrize("key,value", [("RHAAS_BLOB_URL", "https://origin.example"), ("RHAAS_BLOB_URL", "http://h/$(x)"),
+                                       ("RHAAS_NODE_CACHE_DIR", "run/rhaas"), ("RHAAS_NODE_CACHE_DIR", "/run/../etc"),
+                                       ("RHAAS_BLOB_PEERS", "sometimes")])
+def test_bad_image_settings_are_usage_errors(sim_farm, farm_home, rhaas_home, image, monkeypatch, key, value):
+    names = sim_farm.names[16:17]
+    farm_home(rhaas_home, names)
+    monkeypatch.setenv(key, value)
+    before = {n: sim_farm.state(n)["boot_id"] for n in names}
+    r, out, _ = kexec(names, image)
+    assert r.exit_code == 2 and out == {}
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+    assert {n: sim_farm.state(n)["boot_id"] for n in names} == before

@@ -11,6 +11,7 @@ nonce (``rhaas.nonce=`` on the new kernel's command line proves the boot) and it
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,13 +77,16 @@ class KexecOptions:
             cache_dir = check_cache_dir(pick(None, "node-cache-dir", str))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        blob_url = settings.get("blob-url") or None
+        if blob_url and not re.fullmatch(r"http://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?", blob_url):
+            raise UsageError(f"blob-url wants http://HOST[:PORT] (nodes fetch over plain HTTP), got {blob_url!r}")
         peers = pick(None, "blob-peers", str)
         if peers not in ("auto", "off"):
             raise UsageError(f"blob-peers is auto or off, not {peers!r}")
         return cls(
             cache_dir=cache_dir,
             blob_listen=pick(None, "blob-listen", str),
-            blob_url=settings.get("blob-url") or None,
+            blob_url=blob_url,
             blob_fanout=pick(None, "blob-fanout", int),
             blob_peers=peers,
             blob_fetch_timeout=pick(None, "blob-fetch-timeout", float),
