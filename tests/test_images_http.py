@@ -299,3 +299,31 @@ def test_bad_image_settings_are_usage_errors(sim_farm, farm_home, rhaas_home, im
     assert r.exit_code == 2 and out == {}
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
     assert {n: sim_farm.state(n)["boot_id"] for n in names} == before
+
+
+def test_load_only_pulls_serves_and_leaves_nothing_then_exec_jumps(sim_farm, farm_home, rhaas_home, image):
+    names = sim_farm.names[17:21]
+    farm_home(rhaas_home, names)
+    before = {n: sim_farm.state(n)["boot_id"] for n in names}
+    r, out, summary = kexec(names, image, "--load-only")
+    assert r.exit_code == 0, r.output
+    assert {out[n]["outcome"] for n in names} == {"loaded"}
+    assert {out[n]["transfer"]["path"] for n in names} <= {"origin", "peer"}
+    assert summary["paths"].get("peer", 0) >= 1
+    assert all(sim_farm.state(n)["loaded"] for n in names)
+    assert {n: sim_farm.state(n)["boot_id"] for n in names} == before  # nobody jumped
+    assert helpers_of(sim_farm) == []  # the peers' servers stopped without a jump
+    r = run("kexec", *names, "--exec", "--timeout", "20", "--no-fallback", "--json")
+    assert r.exit_code == 0, r.output
+    assert all(sim_farm.state(n)["boot_id"] != before[n] for n in names)
+
+
+def test_a_retry_after_a_failed_load_uses_what_was_pulled(sim_farm, farm_home, rhaas_home, image):
+    names = sim_farm.names[21:23]
+    farm_home(rhaas_home, names)
+    sim_farm.set_faults({names[0]: {"load_fails_first": 1}})
+    r, out, summary = kexec(names, image, "--retries", "1")
+    assert r.exit_code == 0, r.output
+    assert all(out[n]["outcome"] == "ok" for n in names)
+    assert summary["origin_bytes"] <= 2 * sum(p.stat().st_size for p in image)  # nothing fetched twice
+    assert helpers_of(sim_farm) == []
