@@ -32,6 +32,9 @@ TARGETS = {
     "cli.help_s": 0.15,
     "cli.tab_completion_10k_s": 0.2,
     "lease.writes_for_1000_nodes": 5,
+    "lease.1000_nodes_wall_s": 5.0,
+    "lease.serve_writes_for_1000_nodes": 5,
+    "lease.50_nodes_two_levels_s": 1.0,
     "serve.auth_get_node_ms": 10,
     # failure paths: the configured limit plus interpreter start (upstream) or a margin (BMC)
     "fail.upstream_silent_timeout2_s": 3.0,
@@ -208,10 +211,13 @@ def bench_serve_and_lease(tmp: Path) -> None:
         rhaas(d1, "init", "--upstream", served.url, "--project", "p1", "--user", "alice",
               extra={"RHAAS_UPSTREAM_PASSWORD": "pw"})
         before = Store(d1).snapshot().writes
+        base_before = Store(base).snapshot().writes
         t0 = time.perf_counter()
         rhaas(d1, "lease", "1000", extra={"RHAAS_UPSTREAM_PASSWORD": "pw"})
+        # through `rhaas serve`: one rhaas.batch call (before it, one connect_node and one write each)
         report("lease.1000_nodes_wall_s", time.perf_counter() - t0)
         report("lease.writes_for_1000_nodes", Store(d1).snapshot().writes - before)
+        report("lease.serve_writes_for_1000_nodes", Store(base).snapshot().writes - base_before)
         report("lease.nodes_held_after", len(Store(d1).snapshot().nodes()))
         # two levels: d1 serves the nodes it leased; d2 leases from d1
         rhaas(d1, "project", "add", "p2")
@@ -230,6 +236,15 @@ def bench_serve_and_lease(tmp: Path) -> None:
 
                 rhaas(d2, "free", json.loads(out.stdout)[0]["node"], extra={"RHAAS_UPSTREAM_PASSWORD": "pw2"})
             report("lease.one_node_two_levels_s", statistics.median(walls))
+            # 50 nodes at the top from the middle (which leased them from the base): one batch call
+            walls = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out = rhaas(d2, "lease", "50", "--json", extra={"RHAAS_UPSTREAM_PASSWORD": "pw2"})
+                walls.append(time.perf_counter() - t0)
+                taken = [r["node"] for r in json.loads(out.stdout)]
+                rhaas(d2, "free", *taken, extra={"RHAAS_UPSTREAM_PASSWORD": "pw2"})
+            report("lease.50_nodes_two_levels_s", statistics.median(walls))
         finally:
             s1.stop()
     finally:

@@ -160,6 +160,20 @@ ROUTES += [
     Route("rhaas_kexec_status", "GET", "/rhaas/kexec/<action_id>"),
 ]
 
+# rhaas's own extension "rhaas.batch" (offered in list_active_extensions by `rhaas serve`): many
+# nodes assigned to a project in one call and one store write, optionally for a limited time.
+# Exactly one of "count" (that many free nodes) or "nodes" (these names, each refused or taken);
+# the answer is {"nodes": [taken], "refused": {name: why}, "until": epoch|null, "shown": {name: node}}.
+BATCH_EXTENSION = "rhaas.batch"
+ROUTES += [
+    Route(
+        "rhaas_connect_nodes",
+        "POST",
+        "/rhaas/project/<project>/connect_nodes",
+        {"count": (int, OPT), "nodes": (list, OPT), "for_seconds": ((int, float), OPT)},
+    ),
+]
+
 BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}
 
 BOOT_DEVICES = ("pxe", "disk", "none")

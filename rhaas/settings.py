@@ -33,6 +33,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "upstream-max-list-bytes": (int, 8 * MiB, "largest upstream answer accepted for a list of names"),
     "upstream-max-doc-bytes": (int, 1 * MiB, "largest upstream answer accepted for one document (a node)"),
     "standby-image": (str, None, "image a freed node is returned to"),
+    "upstream-batch": (str, "auto", "auto: lease through the upstream's rhaas.batch when offered; off: never"),
     "ipmi-cipher-suite": (int, 3, "RMCP+ cipher suite for IPMI 2.0 BMCs"),
     "ipmi-interface": (str, "rmcpplus", "python-ipmi interface: rmcpplus (IPMI 2.0) or rmcp (1.5)"),
     "ssh-key": (str, None, "private key rhaas uses to reach nodes (default: RHAAS_HOME/id_ed25519)"),

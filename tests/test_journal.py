@@ -90,7 +90,9 @@ def test_upstream_killed_mid_lease_is_resolved_after_it_restarts(tmp_path):
     try:
         rhaas(home, "init", "--upstream", served.url, "--project", "p1", "--user", "alice", env=ENV, check=True)
         full = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
-        full.update(RHAAS_HOME=str(home), RHAAS_UPSTREAM_PASSWORD="pw", RHAAS_UPSTREAM_TIMEOUT="5")
+        # one connect_node a node (as against a real HIL): a batch would take all 60 in one call
+        full.update(RHAAS_HOME=str(home), RHAAS_UPSTREAM_PASSWORD="pw", RHAAS_UPSTREAM_TIMEOUT="5",
+                    RHAAS_UPSTREAM_BATCH="off")
         lease = subprocess.Popen([sys.executable, "-m", "rhaas", "lease", "60"], cwd=str(ROOT), env=full,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert wait_for(lambda: len(upstream_held(root)) >= 5, timeout=30, interval=0.005)

@@ -51,7 +51,9 @@ def test_upstream_dies_mid_lease_then_reconcile(tmp_path):
     try:
         rhaas(home, "init", "--upstream", served.url, "--project", "p1", "--user", "alice", env=ENV, check=True)
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RHAAS_")}
-        env.update(RHAAS_HOME=str(home), RHAAS_UPSTREAM_PASSWORD="pw", RHAAS_UPSTREAM_TIMEOUT="3")
+        # one connect_node per node, as against a real HIL (rhaas.batch would take all 60 in one call)
+        env.update(RHAAS_HOME=str(home), RHAAS_UPSTREAM_PASSWORD="pw", RHAAS_UPSTREAM_TIMEOUT="3",
+                   RHAAS_UPSTREAM_BATCH="off")
         lease = subprocess.Popen([sys.executable, "-m", "rhaas", "lease", "60", "--json"], cwd=str(ROOT),
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: len(upstream_held(root)) >= 5, timeout=30, what="5 nodes leased upstream")

@@ -154,23 +154,20 @@ def test_hostile_upstream_names_are_never_stored_offered_or_run(tmp_path, standi
 
 
 def test_a_stored_bad_name_is_never_offered_nor_piped(tmp_path, standin):
-    """An inventory written before names were checked: its bad names stay out of TAB and `list -q`."""
+    """An inventory written before names were checked is refused as damaged where it is read
+    (exit 4, one line): `list -q` pipes nothing on, and TAB never offers a bad name."""
     home, work = tmp_path / "d", tmp_path / "work"
     work.mkdir()
     derived(home, standin)
     with Store(home).transaction("test") as tx:
         tx.put_nodes([new_node(n, "leased") for n in ["$(touch F)", "nl\nname", "a b;c", "good-1"]])
-    assert bash_complete(home, "rhaas free ", work) == ["good-1"]
+    assert bash_complete(home, "rhaas free ", work) == ["good-1"]  # the names index keeps valid names only
     assert bash_complete(home, "rhaas show ", work) == ["good-1"]
     assert not (work / "F").exists()
     listed = rhaas(home, "list", "-q")
-    assert listed.returncode == 0
-    assert listed.stdout == "good-1\n"
-    assert listed.stderr.count("invalid name") == 3
-    # the pipe names only good-1 (dry run: nothing is asked of the upstream)
-    proc = rhaas(home, "free", "-", "--dry-run", "--json", input=listed.stdout)
-    assert proc.returncode == 0, proc.stderr
-    assert [r["node"] for r in json.loads(proc.stdout)] == ["good-1"]
+    assert listed.returncode == 4 and listed.stdout == ""
+    [line] = listed.stderr.splitlines()
+    assert line.startswith("rhaas: error: ") and "is not a valid name" in line
 
 
 def test_the_bash_script_escapes_what_it_inserts(tmp_path):

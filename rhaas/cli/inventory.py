@@ -13,27 +13,50 @@ from rhaas.errors import UsageError
 from rhaas.model import public_node
 
 
+def _drop_expired(app: App) -> None:
+    """Leases from the upstream that have ended are gone: drop them first, one line each."""
+    from rhaas.core.batch_lease import drop_expired
+
+    for name in drop_expired(app.store):
+        click.echo(f"{name}: the lease ended; dropped (expired)", err=True)
+
+
+def _with_lease(doc: dict) -> dict:
+    """The public JSON form of a node plus the ends of its leases (epoch seconds, or null)."""
+    from rhaas.core.batch_lease import time_left
+
+    return dict(public_node(doc), lease_until=doc.get("lease_until"), assign_until=doc.get("assign_until"),
+                time_left=time_left(doc.get("lease_until")))
+
+
 @click.command()
 @click.argument("targets", nargs=-1, required=True, metavar="COUNT | NODE...", shell_complete=complete_upstream_free)
+@click.option("--for", "lease_for", metavar="DURATION",
+              help="The nodes come back to the upstream by themselves after DURATION (5s, 10m, 2h).")
 @json_option
 @dry_run_option
 @pass_app
-def lease(app: App, targets, as_json, dry_run):
+def lease(app: App, targets, lease_for, as_json, dry_run):
     """Lease COUNT free nodes from the upstream, or the named nodes.
 
     \b
     Examples:
       rhaas lease 8
+      rhaas lease 1000 --for 10m
       rhaas lease node-[01-04]
       echo node-07 | rhaas lease -
     """
+    from rhaas.core.batch_lease import parse_duration
     from rhaas.core.lease import lease_nodes
 
+    seconds = parse_duration(lease_for) if lease_for is not None else None
     count = lease_count(targets)
+    _drop_expired(app)
     if count is not None:
-        rows = lease_nodes(app.store, count=count, dry_run=dry_run, notify=stderr)
+        rows = lease_nodes(app.store, count=count, dry_run=dry_run, notify=stderr, lease_for=seconds)
     else:
-        rows = lease_nodes(app.store, names=expand_nodes(targets), dry_run=dry_run, notify=stderr)
+        rows = lease_nodes(app.store, names=expand_nodes(targets), dry_run=dry_run, notify=stderr,
+                           lease_for=seconds)
     rc = results(rows, as_json, "lease")
     if rc and any("reconcile" in (r.get("reason") or "") for r in rows):
         stderr("rhaas: next: run 'rhaas reconcile' once the upstream answers (or any lease/free/list)")
@@ -84,6 +107,7 @@ def free(app: App, names, force, no_standby, as_json, dry_run):
     """
     from rhaas.core.lease import free_nodes
 
+    _drop_expired(app)
     names = expand_nodes(names)
     before = None
     if not no_standby and app.setting("standby-image"):
@@ -116,6 +140,7 @@ def reconcile(app: App, as_json, dry_run):
     """
     from rhaas.core.lease import reconcile as do_reconcile
 
+    _drop_expired(app)
     changes = do_reconcile(app.store, dry_run=dry_run, notify=stderr)
     if as_json:
         emit_json(changes)
@@ -140,30 +165,32 @@ def list_nodes(app: App, which, as_json, quiet):
       rhaas list --available -q | head -8 | rhaas kexec --image b -
       rhaas list --json | jq '.[].name'
     """
+    from rhaas.core.batch_lease import time_left
     from rhaas.core.kexec.owner import live_views
 
     _resolve_journal(app)
+    _drop_expired(app)
     docs = live_views(app.snapshot().nodes())  # a dead kexec run's nodes show as interrupted
     if which == "available":
         docs = [d for d in docs if not d.get("project")]
     elif which == "assigned":
         docs = [d for d in docs if d.get("project")]
     if quiet:
-        from rhaas.model import name_ok
-
-        for d in docs:
-            if not name_ok(d["name"]):  # an old inventory's bad name would break `| rhaas free -`
-                stderr(f"rhaas: skipped a node with an invalid name {d['name'][:64]!r} (see 'rhaas reconcile')")
-        sys.stdout.write("".join(d["name"] + "\n" for d in docs if name_ok(d["name"])))
+        # names are valid: the store refuses an inventory holding a bad one (exit 4)
+        sys.stdout.write("".join(d["name"] + "\n" for d in docs))
         return
     if as_json:
-        emit_json([public_node(d) for d in docs])
+        emit_json([_with_lease(d) for d in docs])
         return
+    # the lease columns appear only when some lease here has an end
+    ends = any(d.get("lease_until") or d.get("assign_until") for d in docs)
     table(
-        ["node", "state", "project", "status", "image", "last boot", "phases"],
+        ["node", "state", "project", "status", "image", "last boot", "phases"]
+        + (["time left", "project time left"] if ends else []),
         [
             [
                 d["name"],
+                "returning" if d.get("returning") and not d.get("project") else
                 "assigned" if d.get("project") else "available",
                 d.get("project"),
                 d.get("status"),
@@ -171,6 +198,7 @@ def list_nodes(app: App, which, as_json, quiet):
                 human_time(d.get("last_boot")),
                 phases_text(d.get("phases")),
             ]
+            + ([time_left(d.get("lease_until")), time_left(d.get("assign_until"))] if ends else [])
             for d in docs
         ],
     )

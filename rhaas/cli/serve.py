@@ -114,17 +114,26 @@ def project():
 
 @project.command("add")
 @click.argument("name")
+@click.option("--lease-for", metavar="DURATION",
+              help="Nodes the project takes come back by themselves after DURATION (5s, 10m, 2h).")
 @pass_app
-def project_add(app: App, name):
+def project_add(app: App, name, lease_for):
     """Add a project.
 
     \b
-    Example:
+    Examples:
       rhaas project add p1 && rhaas user add alice --project p1
+      rhaas project add batch --lease-for 1h
     """
     from rhaas.core.accounts import add_project
+    from rhaas.core.batch_lease import parse_duration
 
+    seconds = parse_duration(lease_for) if lease_for else None
     add_project(app.store, name)
+    if seconds:
+        from rhaas.core.lease_reaper import set_lease_for
+
+        set_lease_for(app.store, name, seconds)
 
 
 @project.command("rm")

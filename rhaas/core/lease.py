@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from rhaas.core.batch_lease import connect_batch, lease_until_of
 from rhaas.core.instance import NodeResult, require_project, upstream_client
 from rhaas.errors import (
     APIError,
@@ -93,6 +94,7 @@ def node_from_upstream(name: str, shown: dict | None, upstream_url: str) -> dict
         metadata={k: v for k, v in meta.items() if not k.startswith("rhaas.")},
         image=image if name_ok(image) else None,
         upstream={"endpoint": upstream_url, "node": name},
+        lease_until=lease_until_of(meta),
     )
 
 
@@ -119,8 +121,8 @@ def _details(client, names: list[str], notify: Notify | None = None) -> dict[str
 
 
 def lease_nodes(store, count: int | None = None, names: list[str] | None = None, dry_run: bool = False,
-                notify: Notify | None = None):
-    """Take COUNT free nodes, or the named ones, into our upstream project."""
+                notify: Notify | None = None, lease_for: float | None = None):
+    """Take COUNT free nodes, or the named ones, into our upstream project (for ``lease_for`` s)."""
     from rhaas.core import journal
 
     if not names and (count is None or isinstance(count, bool) or not isinstance(count, int) or count <= 0):
@@ -175,6 +177,14 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
     # waves of concurrent connect_node calls: each wave asks for exactly what is still missing,
     # and a node someone else took (409) is replaced by the next candidate in the next wave
     queue = list(candidates)
+    # another rhaas takes them all in one call (rhaas.batch); a real HIL: one connect_node each
+    batch = connect_batch(store, client, project, candidates, count, bool(names), lease_for)
+    if batch is not None:
+        held, queue, stop_reason = batch.held, [], batch.stop_reason
+        results += batch.failed
+        if batch.answer_lost:
+            unsure.append("*")
+            stop_reason = f"{stop_reason}; {RECONCILE_HINT}"
     try:
         with ThreadPoolExecutor(max_workers=CONNECT_WORKERS) as pool:
             while queue and not stop_reason:
@@ -201,7 +211,7 @@ def lease_nodes(store, count: int | None = None, names: list[str] | None = None,
         results.extend(NodeResult.failed(n, stop_reason) for n in queue)
     if not names and len(held) < count:
         results.append(NodeResult.failed(f"({count - len(held)} more)", stop_reason or "not enough free nodes upstream"))
-    shown = _details(client, held, notify) if held else {}
+    shown = batch.shown if batch is not None else (_details(client, held, notify) if held else {})
     docs = [node_from_upstream(n, shown.get(n), client.url) for n in held]
     with store.transaction() as tx:
         tx.put_nodes(docs)

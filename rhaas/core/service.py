@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 from rhaas import protocol
@@ -29,6 +30,10 @@ from rhaas.errors import (
 from rhaas.model import new_node
 
 ADMIN_ONLY = "This operation is administrator-only."
+RETURNING = "Node is returning to the standby image; it is free again once back."
+# what list_active_extensions answers; each rhaas extension adds its name here
+ACTIVE_EXTENSIONS: list[str] = ["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power",
+                                protocol.BATCH_EXTENSION, protocol.KEXEC_EXTENSION]
 NO_PROJECT_ACCESS = "You do not have access to the required project."
 
 
@@ -60,21 +65,31 @@ def encode_metadata(doc: dict) -> dict:
         meta["rhaas.ssh_host_key"] = doc["ssh_host_key"]
     if doc.get("image"):
         meta["rhaas.image"] = doc["image"]
+    if doc.get("assign_until"):  # the project's lease ends then (epoch seconds), see rhaas.batch
+        meta["rhaas.lease_until"] = doc["assign_until"]
     return {k: json.dumps(v) for k, v in meta.items()}
 
 
 class Service:
-    """One instance's answers to the HIL API. `upstream` is a HILClient for a derived one."""
+    """One instance's answers to the HIL API. `upstream` is a HILClient for a derived one.
 
-    def __init__(self, store, settings: dict, upstream=None, power_backend=None, on_detach=None, on_assign=None):
+    Every call returns as soon as the inventory says so: what needs the upstream (networking
+    actions, network create/delete) runs outside the store's lock (rhaas.core.net_actions), and
+    the standby return of a detached node runs in the background (``on_detach``); the node is
+    held back from the free list (``returning``) until it is back.
+    """
+
+    def __init__(self, store, settings: dict, upstream=None, power_backend=None, on_detach=None):
+        from rhaas.core.net_actions import NetActions
+
         self.store = store
         self.settings = settings
         self.upstream = upstream
         self.project_upstream = settings.get("project")
         self._power_backend = power_backend  # callable(node_doc) -> backend, for tests/lab
-        self.on_detach = on_detach  # callable(node_name), e.g. return to the standby image
-        self.on_assign = on_assign  # callable(node_name, tenant_keys), e.g. inject the tenant's keys
+        self.on_detach = on_detach  # callable(node_name): the background return to the standby image
         self._power_lock = threading.Lock()
+        self.net = NetActions(store, upstream, self.project_upstream)
 
     # -- helpers ------------------------------------------------------------------------------
     def _node(self, view, name: str) -> dict:
@@ -91,7 +106,7 @@ class Service:
 
     def _network(self, view, name: str) -> dict:
         doc = view.get("networks", name)
-        if doc is None:
+        if doc is None or doc.get("pending"):  # being created or deleted upstream: not usable
             raise NotFoundError(f"Network {name} does not exist.")
         return doc
 
@@ -143,21 +158,30 @@ class Service:
     def project_networks(self, caller, view, project):
         self._project(view, project)
         caller.require_project(project)
-        return sorted(n["name"] for n in view.all("networks") if project in (n.get("access") or []))
+        return sorted(n["name"] for n in view.all("networks")
+                      if project in (n.get("access") or []) and not n.get("pending"))
 
     def project_connect_node(self, caller, project, node):
+        """Assign at once: the tenant's keys are recorded, and ride in the next kexec of the node."""
+        from rhaas.core.lease_reaper import assigned
+
         with self.store.transaction(caller.name) as tx:
-            self._project(tx, project)
-            doc = dict(self._node(tx, node))
+            proj = self._project(tx, project)
+            doc = self._node(tx, node)
             caller.require_project(project)
             if doc.get("project"):
                 raise BlockedError("Node is already owned by a project.")
-            doc["project"] = project
-            doc["tenant_ssh_keys"] = self._project_keys(tx, project)
+            if doc.get("returning"):
+                raise BlockedError(RETURNING)
+            doc = assigned(doc, project, self._project_keys(tx, project), proj.get("lease_for"))
             tx.put_node(doc)
-            tx.event("assign", node, "ok", project=project, by=caller.name)
-        if self.on_assign and doc["tenant_ssh_keys"]:
-            self.on_assign(node, doc["tenant_ssh_keys"])
+            tx.event("assign", node, "ok", project=project, by=caller.name, until=doc.get("assign_until"))
+
+    def rhaas_connect_nodes(self, caller, project, count=None, nodes=None, for_seconds=None):
+        """The rhaas.batch extension: many nodes in one call and one write (rhaas.core.lease_reaper)."""
+        from rhaas.core.lease_reaper import connect_nodes
+
+        return connect_nodes(self, caller, project, count=count, nodes=nodes, for_seconds=for_seconds)
 
     @staticmethod
     def _project_keys(view, project) -> list[str]:
@@ -180,23 +204,34 @@ class Service:
                 raise BlockedError("Node attached to a network")
             if self._pending(tx, node):
                 raise BlockedError("Node has pending network actions")
-            doc["project"] = None
-            doc["tenant_ssh_keys"] = []
+            doc = self.released(doc)
             tx.put_node(doc)
             tx.event("unassign", node, "ok", project=project, by=caller.name)
-        if self.on_detach:
+        if doc.get("returning"):
             self.on_detach(node)
+
+    def released(self, doc: dict) -> dict:
+        """The node document once its project lets go: held back while it returns to the standby."""
+        doc = dict(doc, project=None, tenant_ssh_keys=[], assign_until=None)
+        if self.on_detach is not None and doc.get("ssh"):
+            doc["returning"] = {"since": time.time()}
+        return doc
 
     # -- nodes ------------------------------------------------------------------------------------
     def list_nodes(self, caller, view, is_free):
         nodes = view.data["nodes"].values()
         if is_free == "free":
-            return sorted(n["name"] for n in nodes if not n.get("project"))
+            return sorted(n["name"] for n in nodes if not n.get("project") and not n.get("returning"))
         return sorted(n["name"] for n in nodes)
 
     def show_node(self, caller, view, node):
         doc = self._node(view, node)
         caller.require_project(doc.get("project")) if doc.get("project") else None
+        return self.shown(doc)
+
+    @staticmethod
+    def shown(doc: dict) -> dict:
+        """A node as show_node answers it (also inside a rhaas.batch answer)."""
         nics = [
             {"label": nic["label"], "macaddr": nic.get("macaddr", ""), "networks": dict(nic.get("networks") or {})}
             for nic in doc.get("nics", [])
@@ -344,24 +379,22 @@ class Service:
                 used = {n["net_id"] for n in tx.all("networks")}
             if not net_id:
                 net_id = next(str(i) for i in range(1000, 5000) if str(i) not in used)
+            doc = {
+                "name": network,
+                "owner": owner,
+                "access": [access] if access else None,
+                "net_id": net_id,
+                "channels": [protocol.DEFAULT_CHANNEL, f"vlan/{net_id}"],
+            }
             if self.upstream is not None:
-                # a derived instance's networks are the upstream's: create it there first
-                self.upstream.call(
-                    "network_create",
-                    {"owner": self.project_upstream, "access": self.project_upstream, "net_id": ""},
-                    network=network,
-                )
-            tx.put(
-                "networks",
-                {
-                    "name": network,
-                    "owner": owner,
-                    "access": [access] if access else None,
-                    "net_id": net_id,
-                    "channels": [protocol.DEFAULT_CHANNEL, f"vlan/{net_id}"],
-                },
-            )
-            tx.event("network-create", outcome="ok", network=network, by=caller.name)
+                # a derived instance's networks are the upstream's: the intent is recorded here,
+                # the upstream asked outside the lock, and the outcome applied after
+                doc["pending"] = "create"
+            tx.put("networks", doc)
+            if self.upstream is None:
+                tx.event("network-create", outcome="ok", network=network, by=caller.name)
+        if self.upstream is not None:
+            self.net.network_upstream(network, "create", caller.name)
 
     def network_delete(self, caller, network):
         with self.store.transaction(caller.name) as tx:
@@ -371,10 +404,12 @@ class Service:
                 raise BlockedError("Network still connected to nodes")
             if any(a["status"] == "PENDING" and a.get("new_network") == network for a in tx.data["actions"].values()):
                 raise BlockedError("There are pending actions on this network")
-            if self.upstream is not None:
-                self.upstream.call("network_delete", network=network)
-            tx.remove("networks", network)
-            tx.event("network-delete", outcome="ok", network=network, by=caller.name)
+            if self.upstream is None:
+                tx.remove("networks", network)
+                tx.event("network-delete", outcome="ok", network=network, by=caller.name)
+                return
+            tx.put("networks", dict(net, pending="delete"))
+        self.net.network_upstream(network, "delete", caller.name)
 
     @staticmethod
     def _connected(view, network) -> dict[str, list[str]]:
@@ -407,7 +442,7 @@ class Service:
         return {
             n["name"]: {"network_id": n["net_id"], "projects": n.get("access")}
             for n in view.all("networks")
-            if caller.is_admin or n.get("access") is None
+            if (caller.is_admin or n.get("access") is None) and not n.get("pending")
         }
 
     def list_network_attachments(self, caller, view, network, project=None):
@@ -453,7 +488,7 @@ class Service:
             net["access"] = [p for p in access if p != project]
             tx.put("networks", net)
 
-    def _new_action(self, tx, node, nic, channel, network, status) -> str:
+    def _new_action(self, tx, node, nic, channel, network, status, intent: dict | None = None) -> str:
         # HIL keeps only a NIC's latest action: a new one deletes the earlier record
         for key, act in list(tx.data["actions"].items()):
             if act["node"] == node and act["nic"] == nic:
@@ -468,6 +503,7 @@ class Service:
                 "channel": channel,
                 "new_network": network,
                 "status": status,
+                **(intent or {}),
             }
         )
         return status_id
@@ -493,18 +529,21 @@ class Service:
                 raise BadArgumentError(f"Channel '{channel}', is not legal for this network.")
             if channel in networks:
                 raise BlockedError("The channel is already in use on the nic.")
-            status = "DONE"
             if self.upstream is not None:
+                # PENDING, with the intent: the upstream is asked outside the lock (net_actions)
                 up_channel = None if channel == protocol.DEFAULT_CHANNEL else channel
-                sid = self.upstream.connect_network(doc.get("upstream_name") or node, nic, network, up_channel)
-                status = self.upstream.wait_action(sid)
-                status = "DONE" if status in ("DONE", "UNKNOWN") else "ERROR"
-            if status == "DONE":
+                sid = self._new_action(tx, node, nic, channel, network, "PENDING",
+                                       {"op": "connect", "up_node": doc.get("upstream_name") or node,
+                                        "up_channel": up_channel})
+                tx.event("network-connect", node, "pending", nic=nic, network=network)
+            else:
                 networks[channel] = network
                 self._set_nic_networks(doc, nic, networks)
                 tx.put_node(doc)
-            tx.event("network-connect", node, "ok" if status == "DONE" else "error", nic=nic, network=network)
-            return {"status_id": self._new_action(tx, node, nic, channel, network, status)}
+                tx.event("network-connect", node, "ok", nic=nic, network=network)
+                return {"status_id": self._new_action(tx, node, nic, channel, network, "DONE")}
+        self.net.start(sid)
+        return {"status_id": sid}
 
     def node_detach_network(self, caller, node, nic, network):
         with self.store.transaction(caller.name) as tx:
@@ -520,18 +559,20 @@ class Service:
             channels = [c for c, n in networks.items() if n == network]
             if not channels:
                 raise BadArgumentError("The network is not attached to the nic.")
-            status = "DONE"
             if self.upstream is not None:
-                sid = self.upstream.detach_network(doc.get("upstream_name") or node, nic, network)
-                status = self.upstream.wait_action(sid)
-                status = "DONE" if status in ("DONE", "UNKNOWN") else "ERROR"
-            if status == "DONE":
+                sid = self._new_action(tx, node, nic, channels[0], None, "PENDING",
+                                       {"op": "detach", "up_node": doc.get("upstream_name") or node,
+                                        "old_network": network})
+                tx.event("network-detach", node, "pending", nic=nic, network=network)
+            else:
                 for c in channels:
                     del networks[c]
                 self._set_nic_networks(doc, nic, networks)
                 tx.put_node(doc)
-            tx.event("network-detach", node, "ok" if status == "DONE" else "error", nic=nic, network=network)
-            return {"status_id": self._new_action(tx, node, nic, channels[0], None, status)}
+                tx.event("network-detach", node, "ok", nic=nic, network=network)
+                return {"status_id": self._new_action(tx, node, nic, channels[0], None, "DONE")}
+        self.net.start(sid)
+        return {"status_id": sid}
 
     @staticmethod
     def _set_nic_networks(doc, label, networks):
@@ -607,7 +648,7 @@ class Service:
     def list_active_extensions(self, caller, view):
         # any authenticated user: a tenant asks it to know whether rhaas.kexec is here
         self.provision  # noqa: B018 - a tenant that asks is about to use it: start its workers now
-        return sorted(["rhaas.auth.basic", "rhaas.network.vlan_pool", "rhaas.power", protocol.KEXEC_EXTENSION])
+        return sorted(ACTIVE_EXTENSIONS)
 
     # -- the rhaas.kexec extension: rhaas.core.provision_service decides ----------------------------------
     _provision = None

@@ -63,30 +63,29 @@ def open_files_limit() -> int:
 def start_server(store, settings: dict, address: tuple[str, int], verbose: bool = False, warn=None):
     """A HIL v0 server over ``store``, bound to ``address`` (see :func:`parse_listen`; port 0 picks one).
 
-    A derived instance passes node calls on to its upstream. With a standby image set, detached
-    nodes go back to it in the background, and a node assigned to a project is re-kexec'd into
-    it with the tenant's keys. ``warn(line)`` hears about limits lowered to fit this process.
+    A derived instance passes node calls on to its upstream. Assignment is bookkeeping: the
+    tenant's keys are recorded and ride in the node's next kexec. With a standby image set,
+    detached (and reclaimed) nodes go back to it in the background. The lease reaper
+    (rhaas.core.lease_reaper) runs beside the server until it is closed. ``warn(line)`` hears
+    about limits lowered to fit this process.
     UsageError when the address cannot be bound.
     """
     from rhaas.adapters.hilserver import HILApp, HILServer
     from rhaas.core.instance import is_derived, upstream_client
+    from rhaas.core.lease_reaper import Reaper
     from rhaas.core.service import Service
     from rhaas.core.throttle import LoginThrottle
 
     upstream = upstream_client(store) if is_derived(store.snapshot()) else None
-    on_detach = on_assign = None
+    on_detach = None
     if settings.get("standby-image"):
-        from rhaas.core.standby import return_to_standby, standby_in_background
+        from rhaas.core.standby import standby_in_background
 
         def on_detach(node):
+            # in the background: the node is held out of the free list until it is back
             standby_in_background(store, settings, node)
 
-        def on_assign(node, keys):
-            # the tenant's keys ride in the standby image's overlay: when the lease answers,
-            # the node already lets the tenant (and only them, with us) in
-            return_to_standby(store, settings, [node])
-
-    service = Service(store, settings, upstream=upstream, on_detach=on_detach, on_assign=on_assign)
+    service = Service(store, settings, upstream=upstream, on_detach=on_detach)
     # every connection is one descriptor: keep room for the store, BMC and upstream sockets
     files = open_files_limit()
     limit = min(settings["serve-connection-limit"], max(16, files - 256))
@@ -94,7 +93,7 @@ def start_server(store, settings: dict, address: tuple[str, int], verbose: bool 
         warn(f"at most {limit} connections (open-files limit {files})")
     throttle = LoginThrottle(settings["serve-login-failures"], settings["serve-login-window"])
     sock = _bind(address)
-    return HILServer(
+    server = HILServer(
         sock,
         HILApp(store, service, throttle, verbose=verbose),
         threads=settings["serve-threads"],
@@ -102,6 +101,16 @@ def start_server(store, settings: dict, address: tuple[str, int], verbose: bool 
         idle_timeout=settings["serve-idle-timeout"],
         max_body=settings["serve-max-body"],
     )
+    reaper = Reaper(service).start()
+    close_server = server.close
+
+    def close() -> None:  # the reaper lives as long as the server
+        reaper.stop()
+        close_server()
+
+    server.close = close
+    server.reaper = reaper
+    return server
 
 
 __all__ = ["open_files_limit", "parse_listen", "start_server"]

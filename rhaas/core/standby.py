@@ -7,10 +7,12 @@ kexec. Nodes with no SSH path are left as they are (the upstream's own policy ap
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from rhaas.core.images import get_image
 from rhaas.core.kexec import KexecOptions, kexec_nodes
+from rhaas.errors import RhaasError
 
 
 def return_to_standby(store, settings: dict, names: list[str]):
@@ -32,18 +34,32 @@ _busy_lock = threading.Lock()
 
 
 def standby_in_background(store, settings: dict, node: str) -> None:
-    """For `serve`: a downstream detach_node returns at once; the standby kexec runs behind it."""
+    """For `serve`: a downstream detach_node returns at once; the standby kexec runs behind it.
+
+    The node carries ``returning`` meanwhile (not free, refused to connect_node); once back it is
+    free again; a failed return keeps it held back with the reason (the reaper retries it later).
+    """
+    from rhaas.core.lease_reaper import standby_done
+
     with _busy_lock:
         if node in _busy:
             return
         _busy.add(node)
+    # from a fresh read, under the claim: a caller's older view may predate the end of the last run
+    doc = store.snapshot().node(node)
+    if doc is None or not doc.get("returning") or doc.get("project"):
+        with _busy_lock:
+            _busy.discard(node)
+        return
 
     def run():
         try:
-            return_to_standby(store, settings, [node])
+            results = return_to_standby(store, settings, [node])
+            bad = [r for r in results if r.outcome not in ("ok", "fallback")]
+            standby_done(store, node, not bad, bad[0].reason if bad else None)
         except Exception as exc:  # noqa: BLE001 - recorded, never fatal to serve
-            with store.transaction("standby") as tx:
-                tx.event("standby", node, "failed", reason=str(exc))
+            with contextlib.suppress(RhaasError):  # the store itself failed: the reaper retries
+                standby_done(store, node, False, f"{type(exc).__name__}: {exc}")
         finally:
             with _busy_lock:
                 _busy.discard(node)
