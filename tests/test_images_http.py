@@ -327,3 +327,31 @@ def test_a_retry_after_a_failed_load_uses_what_was_pulled(sim_farm, farm_home, r
     assert all(out[n]["outcome"] == "ok" for n in names)
     assert summary["origin_bytes"] <= 2 * sum(p.stat().st_size for p in image)  # nothing fetched twice
     assert helpers_of(sim_farm) == []
+
+
+def test_a_peer_server_left_by_a_dead_run_is_stopped_by_the_next_pull(sim_farm, farm_home, rhaas_home, image,
+                                                                      tmp_path):
+    """A run killed while its nodes served leaves their pid files: the next pull on the node ends
+    that server (only a process naming the left-over root: never a reused PID) and removes it."""
+    names = sim_farm.names[23:24]
+    farm_home(rhaas_home, names)
+    cache = Path(sim_farm.node(names[0])["root"]) / "run/rhaas"
+    cache.mkdir(parents=True, exist_ok=True)
+    stale_root = cache / ".peer-deadrun00"
+    (stale_root / "tok").mkdir(parents=True)
+    left = subprocess.Popen(["sh", "-c", "sleep 300", str(stale_root)])  # stands for its httpd
+    other = subprocess.Popen(["sleep", "300"])  # a PID that is not that server
+    try:
+        (cache / ".peer-deadrun00.pid").write_text(f"{left.pid}\n")
+        (cache / ".peer-otherrun1.pid").write_text(f"{other.pid}\n")
+        r, out, _ = kexec(names, image)
+        assert r.exit_code == 0, r.output
+        assert out[names[0]]["transfer"]["path"] == "origin"  # it pulled: the fetch script ran
+        assert left.wait(timeout=10) is not None  # stopped
+        assert other.poll() is None  # left alone
+        assert not [f for f in os.listdir(cache) if f.startswith(".peer-")]
+    finally:
+        for p in (left, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

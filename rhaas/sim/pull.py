@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rhaas.sim.node import SimNode
 
-TOOLS = ("sh", "cat", "cut", "wc", "tr", "mv", "rm", "mkdir", "ln", "sleep", "kill", "timeout",
+TOOLS = ("sh", "cat", "cut", "wc", "tr", "grep", "mv", "rm", "mkdir", "ln", "sleep", "kill", "timeout",
          "sha256sum", "busybox", "curl", "wget")
 HTTP_CLIENTS = ("curl", "wget")
 SCRIPT_NAME = re.compile(r"rhaas-[a-z-]+")
@@ -42,7 +42,7 @@ SCRIPT_NAME = re.compile(r"rhaas-[a-z-]+")
 
 def tool_dir(farm_dir: Path, with_http: bool) -> Path:
     """The PATH of a node's scripts: symlinks to host tools (made once per farm)."""
-    d = farm_dir / "tools" / ("http" if with_http else "nohttp")
+    d = farm_dir / "tools-2" / ("http" if with_http else "nohttp")  # -2: grep added
     if d.exists():
         return d
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")

@@ -218,6 +218,13 @@ _URL = re.compile(r"http://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?")
 # Reports lines rhaas:client/got/bad/nosource.
 FETCH_SCRIPT = r"""
 c=$1; t=$2; shift 2
+# a peer server a dead run left behind (its pid file is the record): stopped, links removed
+for f in "$c"/.peer-*.pid; do
+  [ -f "$f" ] || continue
+  p=$(cat "$f"); r=${f%.pid}
+  case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$r" && kill "$p";; esac
+  rm -rf "$r" "$f"
+done
 shas=
 while [ $# -gt 0 ] && [ "$1" != -- ]; do shas="$shas $1"; shift; done
 [ $# -gt 0 ] && shift
@@ -264,9 +271,11 @@ exit 0
 """
 
 
-# $1 the peer server's PID file, $2 its document root: stop it, remove the links
+# $1 the peer server's PID file, $2 its document root: stop it (only if that PID still runs a
+# command naming the root: never a reused PID), remove the links
 STOP_SCRIPT = r"""
-test -f "$1" && kill "$(cat "$1")" 2>/dev/null
+p=$(cat "$1" 2>/dev/null)
+case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$2" && kill "$p";; esac
 rm -rf "$2" "$1"
 exit 0
 """
