@@ -352,6 +352,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     run_section("bench_kexec.py")
+    run_section("bench_images.py")
     run_section("bench_netns.py")  # root only; says why it skips otherwise
     run_section("bench_kexec_service.py")
     run_section("bench_lab.py")

@@ -47,6 +47,13 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     # kexec fallback: a reboot window (a thousand power cycles at once are a power peak)
     "fallback-window": (int, 50, "power cycles in flight at once in a kexec fallback (all workers together)"),
     "bmc-parallel": (int, 16, "BMC (power/boot device) calls in flight at once during a kexec"),
+    # images at scale: where nodes keep images, and how they pull them (README "Images at scale")
+    "node-cache-dir": (str, "/run/rhaas", "directory on each node holding images by sha256 (a disk keeps them)"),
+    "blob-listen": (str, "127.0.0.1", "HOST[:PORT] where kexec serves the run's image files to nodes"),
+    "blob-url": (str, None, "http://HOST[:PORT] nodes use to reach blob-listen (default: the same)"),
+    "blob-fanout": (int, 4, "nodes one peer serves the image to at once (the origin serves 2)"),
+    "blob-peers": (str, "auto", "auto: nodes that hold the image serve it to peers if each has its own address; off"),
+    "blob-fetch-timeout": (float, 60.0, "seconds a node may take to fetch the image from one source"),
 }
 
 

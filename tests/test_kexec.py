@@ -26,7 +26,7 @@ from rhaas.cli import cli
 from rhaas.core.overlay import overlay_files
 from rhaas.store import Store
 
-NONCE_KEYS = {"node", "outcome", "image", "nonce", "boot_id", "reason", "phases"}
+NONCE_KEYS = {"node", "outcome", "image", "nonce", "boot_id", "reason", "phases", "transfer"}
 PHASES = {"connect", "stage", "load", "down", "up", "verify"}
 
 

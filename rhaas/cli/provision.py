@@ -176,8 +176,10 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
           no_fallback, load_only, do_exec, retries, ok_file, failed_file, via, as_json, dry_run):
     """Jump nodes into a new kernel over SSH, and verify they booted it.
 
-    Per node: stage the kernel and initrd in the node's cache (/run/rhaas/<sha256>; nothing
-    is sent twice), add an overlay with rhaas's and the tenant's SSH keys, `kexec -l` with
+    Per node: stage the kernel and initrd in the node's cache (setting node-cache-dir,
+    default /run/rhaas/<sha256>; nothing is sent twice; a node pulls them over HTTP from
+    this run or from peers and checks their sha256, else they go over SFTP), add an overlay
+    with rhaas's and the tenant's SSH keys (always over SSH), `kexec -l` with
     the image's arguments plus rhaas.nonce=<random>, jump, and wait until the node answers
     with a new boot id and the nonce in /proc/cmdline. A node that fails is set to boot
     from PXE and power cycled through its BMC or upstream (unless --no-fallback), at most
@@ -215,13 +217,16 @@ def kexec(app: App, nodes, image_name, kernel, initrd, append, parallel, timeout
             if any(s["reason"] for s in steps):
                 sys.exit(1)
             return
+        stats: dict = {}
         with _Progress(len(names), opts.mode) as progress:
             from rhaas.core.kexec.via_upstream import kexec_routed
 
-            results = kexec_routed(app.store, app.settings, names, img, opts, name, on_result=progress.update, via=via)
+            results = kexec_routed(app.store, app.settings, names, img, opts, name, on_result=progress.update, via=via,
+                                   stats=stats)
     except RhaasError as exc:
         raise _fail_on(exc) from None
     _render(results, as_json)
+    _transfer_summary(results, stats, as_json)
     bad = [r for r in results if r.outcome not in OK_OUTCOMES]
     _write_lists(results, ok_file, failed_file)
     if bad:
@@ -352,12 +357,42 @@ class _Progress:
             self.bar.stop()
 
 
+def _transfer_text(transfer: dict | None) -> str | None:
+    """``peer:sim-0003 64.0MB``, ``origin 64.0MB``, ``sftp 64.0MB``, ``cache``."""
+    if not transfer or not transfer.get("path"):
+        return None
+    path, n = transfer["path"], transfer.get("bytes") or 0
+    where = f"peer:{transfer.get('source')}" if path == "peer" else path
+    return where if path == "cache" else f"{where} {n / 1e6:.1f}MB"
+
+
+def _transfer_summary(results, stats: dict, as_json: bool) -> None:
+    """One stderr line for the run: the bytes the origin sent and how many nodes took each path."""
+    if "origin_bytes" not in stats:
+        return
+    paths: dict[str, int] = {}
+    for r in results:
+        if r.transfer.get("path"):
+            paths[r.transfer["path"]] = paths.get(r.transfer["path"], 0) + 1
+    fetched = sum(r.transfer.get("bytes") or 0 for r in results)
+    if as_json:
+        import json
+
+        doc = {"origin_bytes": stats["origin_bytes"], "node_bytes": fetched, "paths": paths}
+        click.echo(json.dumps({"rhaas_kexec_transfer": doc}, sort_keys=True), err=True)
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) or "none"
+    click.echo(f"rhaas: image transfer: origin sent {stats['origin_bytes']} bytes, nodes received {fetched} "
+               f"bytes; paths: {counts}", err=True)
+
+
 def _render(results, as_json: bool) -> None:
     if as_json:
         emit_json([r.public() for r in results])
         return
     rows = [
-        [r.node, r.outcome, r.image, (r.boot_id or "")[:8] or None, phases_text(r.phases) or None, r.reason]
+        [r.node, r.outcome, r.image, (r.boot_id or "")[:8] or None, phases_text(r.phases) or None,
+         _transfer_text(r.transfer), r.reason]
         for r in results
     ]
     if is_terminal():
@@ -365,7 +400,7 @@ def _render(results, as_json: bool) -> None:
         from rich.table import Table
 
         t = Table(show_edge=False, header_style="bold")
-        for c in ("node", "outcome", "image", "boot id", "phases (s)", "reason"):
+        for c in ("node", "outcome", "image", "boot id", "phases (s)", "transfer", "reason"):
             t.add_column(c, overflow="fold")
         for row in rows:
             style = "green" if row[1] in OK_OUTCOMES else "yellow" if row[1] == "fallback" else "red"
@@ -373,7 +408,7 @@ def _render(results, as_json: bool) -> None:
             t.add_row(*["" if v is None else str(v) for v in row])
         Console().print(t)
     else:
-        table(["node", "outcome", "image", "boot_id", "phases", "reason"], rows)
+        table(["node", "outcome", "image", "boot_id", "phases", "transfer", "reason"], rows)
 
 
 def _render_plan(steps: list[dict], as_json: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 FLUSHED = ".flushed"  # in DIR/state: how many times the state files were brought up to date
 FAULTS = ("load_fails", "never_returns", "old_boot_id", "slow", "refuse_ssh", "power_file", "dies_slowly",
-          "load_fails_first")
+          "load_fails_first", "no_http_client", "peer_bad_bytes", "peer_dies")
 
 
 class FarmProcess:

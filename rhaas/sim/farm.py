@@ -11,8 +11,9 @@ Node ``i`` (0-based) is ``sim-0001``... and listens on ``127.0.{1+i//250}.{1+i%2
 node. Logins are as ``root`` with a key listed in ``--authorized-keys`` (re-read when the
 file changes). SFTP is chrooted to ``DIR/nodes/<name>/``, so ``/run/rhaas/...`` lands there.
 
-No real shell ever runs: commands are parsed by :mod:`rhaas.sim.syntax` and run by
-:mod:`rhaas.sim.shell`, which knows only the commands rhaas sends.  The SSH side (asyncssh
+Commands are parsed by :mod:`rhaas.sim.syntax` and run by :mod:`rhaas.sim.shell`, which
+knows only the commands rhaas sends; rhaas's named node scripts (the image fetch) run in the
+host's ``/bin/sh`` with real curl/wget/busybox, confined as :mod:`rhaas.sim.pull` says.  The SSH side (asyncssh
 servers, SFTP, ports) is :mod:`rhaas.sim.sshserver`; a node's state is :mod:`rhaas.sim.node`;
 starting a farm from another process and reading its state files is :mod:`rhaas.sim.control`.
 This module is the farm itself: nodes, faults, keys, state files, and the process entry point.
@@ -37,6 +38,9 @@ takes that long to go away, as a real dying one does: it still accepts connectio
 cuts every session it is asked for: a channel closed without exit status, half an answer
 then a close, a reset connection, or a login cut short (in turn). ``load_fails_first`` (a
 count N): the node's first N ``kexec -l`` fail, later ones work.
+Image pulls (:mod:`rhaas.sim.pull`): ``no_http_client`` (no curl or wget on the node),
+``peer_bad_bytes`` (it serves other bytes to peers), ``peer_dies`` (its server drops peers
+mid-transfer).
 
 The farm prints ``READY <n> nodes`` on stdout once every node listens, and writes its PID to
 ``DIR/farm.pid``. SIGTERM or SIGINT stops it.
@@ -304,7 +308,10 @@ class Farm:
         print(f"READY {len(self.nodes)} nodes port {self.port}", flush=True)
         await stop.wait()
         self.flush_states()
+        from rhaas.sim.pull import kill_helpers
+
         for n in self.nodes:
+            kill_helpers(n)
             if n.acceptor is not None:
                 n.acceptor.close()
             for c in list(n.conns):

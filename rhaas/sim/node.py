@@ -193,6 +193,9 @@ class SimNode:
             self.dying = True
             await asyncio.sleep(dying)
             self.dying = False
+        from rhaas.sim.pull import kill_helpers
+
+        kill_helpers(self)  # a new kernel: no process of the old one survives
         await self.go_down(freeze=bool(self.farm.fault(self.name, "never_returns")))
         if self.farm.fault(self.name, "never_returns"):
             self.stuck = True
@@ -209,6 +212,9 @@ class SimNode:
         await self.come_up()
 
     async def power_off(self) -> None:
+        from rhaas.sim.pull import kill_helpers
+
+        kill_helpers(self)
         self.powered = False
         self.loaded = None
         await self.go_down()

@@ -1,6 +1,7 @@
 """The simulated node's shell: runs a parsed command string (:mod:`rhaas.sim.syntax`) on one node.
 
-It knows only the commands rhaas sends: ``cat``, ``test``, ``mkdir``, ``mv``, ``rm``, ``echo``,
+rhaas's named scripts (``sh -c SCRIPT rhaas-NAME ARGS``) run in the host's ``/bin/sh``
+(:mod:`rhaas.sim.pull`). Otherwise it knows only the commands rhaas sends: ``cat``, ``test``, ``mkdir``, ``mv``, ``rm``, ``echo``,
 ``sha256sum``, ``grep -qx``, ``sleep``, ``true``, ``sh -c``, ``setsid``, ``nohup``, ``hostname``
 and ``kexec -l/-e/-u`` (handed to :meth:`rhaas.sim.node.SimNode.kexec`); anything else exits
 127.  File paths stay inside the node's root (:meth:`rhaas.sim.node.SimNode.real_path`).
@@ -174,6 +175,13 @@ class Shell:
         return 0
 
     async def cmd_cat(self, args, fds) -> int:
+        if hasattr(fds[1], "fileno") and all(self.node.virtual(p) is None for p in args):
+            # file to file (a node's initrd built from an image's): tens of MB, copied off the
+            # event loop, as a real node would on its own CPU, so other nodes' sessions go on
+            status, err = await asyncio.to_thread(self._cat_files, args, fds[1])
+            if err:
+                fds[2].write(err)  # on the loop: a channel is not for other threads
+            return status
         status = 0
         for path in args:
             data = self.node.virtual(path)
@@ -188,6 +196,21 @@ class Shell:
                 fds[2].write(f"cat: {path}: {_msg(exc)}\n".encode())
                 status = 1
         return status
+
+    def _cat_files(self, args, out) -> tuple[int, bytes]:
+        status, err = 0, b""
+        for path in args:
+            try:
+                with open(self.node.real_path(path), "rb") as fh:
+                    out.flush()
+                    # in the kernel (sendfile between files): a real node's cat costs its own
+                    # CPU, not the farm's, so the farm should not copy through Python buffers
+                    while os.sendfile(out.fileno(), fh.fileno(), None, 1 << 24):
+                        pass
+            except (OSError, ShellError) as exc:
+                err += f"cat: {path}: {_msg(exc)}\n".encode()
+                status = 1
+        return status, err
 
     async def cmd_test(self, args, fds) -> int:
         negate = False
@@ -285,6 +308,10 @@ class Shell:
         return 0
 
     async def cmd_sh(self, args, fds) -> int:
+        from rhaas.sim import pull
+
+        if pull.wants_real_shell(args):  # rhaas's own node scripts: the host's /bin/sh (sim/pull.py)
+            return await pull.run_script(self.node, args, fds)
         if len(args) >= 2 and args[0] == "-c":
             try:
                 return await self.run(args[1], fds)

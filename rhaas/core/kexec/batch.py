@@ -53,11 +53,13 @@ def kexec_nodes(
     on_result: Callable[[KexecResult], None] | None = None,
     actor: str | None = None,
     tenant_keys: list[str] | None = None,
+    stats: dict | None = None,
 ) -> list[KexecResult]:
     """Provision ``names`` with ``image`` (None for ``exec`` mode); results in input order.
 
     The inventory is written twice: before any node is contacted (status provisioning, the
     nonce) and after all have finished (the results and one ``kexec`` event per node).
+    ``stats``, if given, receives ``origin_bytes``: what the run's image listener sent.
     """
     from rhaas.adapters import hostkeys
 
@@ -147,14 +149,28 @@ def kexec_nodes(
             })
         tx.put_nodes(marked)
     jobs = mine
+    for i, job in enumerate(jobs):  # places in the run's shared source table (rhaas.core.kexec.sources)
+        job.index = i
 
-    ctx = Context(opts, image, pkey, settings, store)
+    origin, pull = _origin(image, opts, jobs) if jobs and opts.mode != "exec" else (None, None)
+    consoles = _watch_consoles(store, settings, jobs, opts)
+
+    def after_fork() -> None:
+        # threads and subprocesses of the parent start once the workers are forked
+        if origin is not None:
+            origin.start()
+        if consoles is not None:
+            try:
+                consoles.start()
+            except RhaasError:  # a console that cannot be read explains nothing; the run goes on
+                pass
+
+    ctx = Context(opts, image, pkey, settings, store, pull=pull, after_fork=after_fork)
     results: dict[str, KexecResult] = dict(early)
     for r in early.values():
         if on_result:
             on_result(r)
     interrupted = False
-    consoles = _watch_consoles(store, settings, jobs, opts)
     try:
         for r in run_jobs(jobs, ctx):
             results[r.node] = r
@@ -166,6 +182,10 @@ def kexec_nodes(
     finally:
         if consoles is not None:
             consoles.stop()
+        if origin is not None:
+            origin.stop()
+            if stats is not None:
+                stats["origin_bytes"] = origin.bytes_sent
         _record(store, results, actor, opts.mode)
     if interrupted:
         raise KeyboardInterrupt
@@ -173,13 +193,13 @@ def kexec_nodes(
 
 
 def _watch_consoles(store, settings: dict, jobs: list[Job], opts: KexecOptions):
-    """Keep the console of each node that will jump (rhaas.core.console), or None."""
+    """The consoles of the nodes that will jump (rhaas.core.console; started after the fork), or None."""
     if opts.mode == "load" or not jobs:
         return None
     from rhaas.core.console import RunConsoles
 
     try:
-        return RunConsoles(store, settings, [j.doc for j in jobs]).start()
+        return RunConsoles(store, settings, [j.doc for j in jobs])
     except RhaasError:
         return None
 
@@ -191,6 +211,29 @@ def _explain(consoles, r: KexecResult) -> None:
     r.console_tail = consoles.tail(r.node, r.failed_at)
     if r.console_tail and r.reason:
         r.reason = f"{r.reason}: {r.console_tail[-1][:200]}"
+
+
+def _origin(image: Image, opts: KexecOptions, jobs: list[Job]):
+    """The run's image listener (bound, not yet serving: its threads start once the workers are
+    forked) and the pull plan, or (None, None) when blob-listen is off."""
+    import secrets
+
+    from rhaas.adapters.blobserver import PREFIX, BlobServer
+    from rhaas.core.kexec.sources import Pull, peers_possible
+
+    if opts.blob_listen.strip().lower() == "off":
+        return None, None
+    files = {image.kernel.sha256: image.kernel.path, image.initrd.sha256: image.initrd.path}
+    server = BlobServer(files, opts.blob_listen, opts.blob_url, workers=max(2, min(16, opts.blob_fanout * 2)))
+    server.bind()
+    hosts = [j.endpoint.address.host for j in jobs]
+    peers = opts.blob_peers != "off" and peers_possible(hosts)
+    pull = Pull(
+        f"{server.base_url}{PREFIX}{server.token}", [j.doc["name"] for j in jobs], hosts, opts.blob_fanout, peers,
+        peer_port=secrets.SystemRandom().randrange(40000, 60000), peer_token=secrets.token_urlsafe(18),
+        run_id=secrets.token_hex(6), fetch_timeout=opts.blob_fetch_timeout, cache_dir=opts.cache_dir,
+    )
+    return server, pull
 
 
 def _record(store, results: dict[str, KexecResult], actor: str | None, mode: str) -> None:

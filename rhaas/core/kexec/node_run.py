@@ -3,10 +3,11 @@
 Per node, over SSH (:mod:`rhaas.adapters.ssh`), with the commands of
 :mod:`rhaas.core.kexec.commands`:
 
-1. one session reads the boot id and, if the node's cache (``/run/rhaas/<sha256>``) already
+1. one session reads the boot id and, if the node's cache (``node-cache-dir``) already
    holds the kernel and this node's initrd (the image's initrd + the node's overlay), runs
-   ``kexec -l`` and fires the detached ``kexec -e`` in the same command. Otherwise it uploads
-   what is missing over SFTP, builds the initrd on the node and loads it;
+   ``kexec -l`` and fires the detached ``kexec -e`` in the same command. Otherwise the node
+   gets the image (:mod:`rhaas.core.kexec.staging`: pulled over HTTP from the run's origin or a
+   peer, or pushed over SFTP), builds its initrd and loads it;
 2. the node is polled until it answers with a new boot id (the old kernel's sshd may still
    answer for a moment: its boot id means "not yet"), and ``/proc/cmdline`` must hold the
    run's ``rhaas.nonce=``;
@@ -32,10 +33,11 @@ import time
 
 from rhaas.core.kexec.commands import Commands, cmdline_has
 from rhaas.core.kexec.plan import Context, Job, KexecResult
+from rhaas.core.kexec.staging import Staging
 from rhaas.errors import RhaasError
 
 
-class NodeRun:
+class NodeRun(Staging):
     """One node's way through the pipeline, one step at a time (see the module docstring)."""
 
     def __init__(self, job: Job, ctx: Context):
@@ -56,6 +58,18 @@ class NodeRun:
         self.last_poll_error: str | None = None
         self.result: KexecResult | None = None
         self.link = None
+        # staging (rhaas.core.kexec.sources): the open session, sources tried, what came from where
+        self.sess = None
+        self.stage_t0 = 0.0
+        self.tried: set[int] = set()
+        self.dropped: list[str] = []
+        self.fetched = 0
+        self.transfer: dict = {}
+        self.settled = False
+        self.serve = None
+        self.hold_until = 0.0
+        self.wait_s = 0.0  # staging: waiting for a source, then running fetch commands
+        self.fetch_s = 0.0
         self.retries_left = self.opts.retries
         self.attempts = 1
         self.holds_cycle_slot = False
@@ -64,6 +78,7 @@ class NodeRun:
         if job.skip_kexec:  # metadata rhaas.kexec=no: straight to the power path
             self.kexec_reason = "skipped"
             self._next = self._fallback
+            self._settle()  # it fetches nothing: serving nodes need not wait for it
 
     def step(self) -> float | None:
         from rhaas.adapters.ssh import AuthFailed, HostKeyChanged, HostKeyUnknown
@@ -80,13 +95,19 @@ class NodeRun:
 
     # -- outcomes --------------------------------------------------------------------------------
     def _finish(self, outcome: str, boot_id: str | None, reason: str | None = None) -> None:
+        self._settle()
+        if self.serve is not None and self.ctx.pull is not None:
+            self.ctx.pull.sources.stop_serving(self.job.index)
+        self._close_sess()
+        if self.dropped:
+            self.transfer = {**self.transfer, "dropped": list(self.dropped)}
         if self.holds_cycle_slot:
             self.holds_cycle_slot = False
             self.ctx.cycle_slots.release()
         self.result = KexecResult(
             self.name, outcome, self.job.image, self.job.nonce, boot_id, reason, dict(self.phases),
             fired=self.fired_at is not None, uploaded=self.uploaded, finished=time.time(), polls=dict(self.polls),
-            attempts=self.attempts, failed_at=self.failed_at,
+            attempts=self.attempts, failed_at=self.failed_at, transfer=dict(self.transfer),
         )
         self.link = None
 
@@ -96,6 +117,8 @@ class NodeRun:
         return f"kexec failed: {self.kexec_reason}"
 
     def _failed(self, reason: str, fallback: bool = True) -> float | None:
+        self._settle()
+        self._close_sess()
         if self.kexec_reason is None:
             self.failed_at = time.time()
         if self.kexec_reason is not None:  # the fallback itself failed
@@ -143,7 +166,8 @@ class NodeRun:
         t1 = time.monotonic()
         self.phases["connect"] = t1 - t0
         fire = self.opts.mode != "load"
-        with sess:
+        self.sess = sess  # closed by the end of this step, unless staging goes on with it
+        try:
             if self.opts.mode == "exec":
                 r = sess.run(Commands.fire_loaded())
                 boot_id, _, loaded = Commands.parse_load(r)
@@ -151,51 +175,39 @@ class NodeRun:
                 if not loaded:
                     return self._failed(f"no kernel loaded on the node: {r.why()}", fallback=False)
             else:
-                img, job = self.ctx.image, self.job
-                r = sess.run(Commands.load_cached(img.kernel.sha256, job.initrd_sha, job.cmdline, fire))
+                img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
+                r = sess.run(Commands.load_cached(img.kernel.sha256, job.initrd_sha, job.cmdline, fire, cache))
                 boot_id, cached, loaded = Commands.parse_load(r)
                 self.old_boot_id = boot_id
                 self.phases["stage"] = 0.0
                 if boot_id is None:
                     return self._failed(f"cannot read the boot id: {r.why()}")
                 if not cached:
-                    t2 = time.monotonic()
-                    self._stage(sess)
-                    t1 = time.monotonic()
-                    self.phases["stage"] = t1 - t2
-                    r = sess.run(
-                        Commands.combine_and_load(
-                            img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha,
-                            job.cmdline, fire, job.nonce,
-                        )
-                    )
-                    _, cached, loaded = Commands.parse_load(r)
-                    if not cached:
-                        return self._failed(f"cannot build the initrd on the node: {r.why()}")
+                    # staging keeps this session for its steps, which may wait for a source
+                    self.stage_t0 = time.monotonic()
+                    return self._stage_start()
+                self._settle()
+                self.transfer = {"path": "cache", "bytes": 0}
                 self.phases["load"] = time.monotonic() - t1
                 if not loaded:
                     return self._failed(f"kexec -l failed: {r.why()}")
-            # -1: the session dropped before its exit status came; the jump may have beaten it
-            if fire and r.exit not in (0, -1):
-                return self._failed(f"cannot start kexec -e: {r.why()}")
+            self._close_sess()
+            return self._loaded(r, fire)
+        except BaseException:
+            self._close_sess()
+            raise
+
+    def _loaded(self, r, fire: bool) -> float | None:
+        """``kexec -l`` done (and the jump started, with ``fire``): finish or start polling."""
+        # -1: the session dropped before its exit status came; the jump may have beaten it
+        if fire and r.exit not in (0, -1):
+            return self._failed(f"cannot start kexec -e: {r.why()}")
         if not fire:
             return self._finish("loaded", self.old_boot_id)
         self.fired_at = time.monotonic()
         self.deadline = self.fired_at + self.opts.timeout
         self._next = self._poll
         return self.fired_at + self.opts.first_poll
-
-    def _stage(self, sess) -> None:
-        img, job = self.ctx.image, self.job
-        sess.makedirs(Commands.CACHE_DIR)
-        for sha, source in (
-            (img.kernel.sha256, img.kernel.path),
-            (img.initrd.sha256, img.initrd.path),
-            (job.overlay_sha, job.overlay),
-        ):
-            remote = Commands.cache_path(sha)
-            if not sess.exists(remote):
-                self.uploaded += sess.put(source, remote)
 
     def _poll(self) -> float | None:
         """One attempt to reach the node after the jump: down, old kernel, or the new boot."""

@@ -11,6 +11,7 @@ nonce (``rhaas.nonce=`` on the new kernel's command line proves the boot) and it
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ class KexecOptions:
     retries: int = 0  # kexec attempts again after a failure, before the fallback
     fallback_window: int = 50  # power cycles in flight at once, over the whole run
     bmc_parallel: int = 16  # BMC calls in flight at once, over the whole run
+    # images at scale (settings node-cache-dir, blob-*): see rhaas.core.kexec.sources
+    cache_dir: str = "/run/rhaas"
+    blob_listen: str = "127.0.0.1"
+    blob_url: str | None = None
+    blob_fanout: int = 4
+    blob_peers: str = "auto"  # auto | off
+    blob_fetch_timeout: float = 60.0
 
     @classmethod
     def from_settings(
@@ -63,7 +71,25 @@ class KexecOptions:
             return typ(given or settings.get(key) or SETTINGS[key][1])
 
         connect = pick(connect_timeout, "connect-timeout", float)
+        from rhaas.core.kexec.commands import check_cache_dir
+
+        try:
+            cache_dir = check_cache_dir(pick(None, "node-cache-dir", str))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        blob_url = settings.get("blob-url") or None
+        if blob_url and not re.fullmatch(r"http://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?", blob_url):
+            raise UsageError(f"blob-url wants http://HOST[:PORT] (nodes fetch over plain HTTP), got {blob_url!r}")
+        peers = pick(None, "blob-peers", str)
+        if peers not in ("auto", "off"):
+            raise UsageError(f"blob-peers is auto or off, not {peers!r}")
         return cls(
+            cache_dir=cache_dir,
+            blob_listen=pick(None, "blob-listen", str),
+            blob_url=blob_url,
+            blob_fanout=pick(None, "blob-fanout", int),
+            blob_peers=peers,
+            blob_fetch_timeout=pick(None, "blob-fetch-timeout", float),
             mode=mode,
             timeout=pick(timeout, "timeout", float),
             connect_timeout=connect,
@@ -93,6 +119,8 @@ class KexecResult:
     attempts: int = 1  # kexec attempts (1 + the retries used)
     failed_at: float | None = None  # wall time the kexec was judged failed (its console is cut there)
     console_tail: list[str] = field(default_factory=list)  # the node's last console lines, on failure
+    # how the image reached the node: path cache|origin|peer|sftp, bytes, source, dropped sources
+    transfer: dict = field(default_factory=dict)
 
     def public(self) -> dict:
         """The stable JSON form (``rhaas kexec --json``); ``console_tail`` only on a failed node
@@ -105,6 +133,7 @@ class KexecResult:
             "boot_id": self.boot_id,
             "reason": self.reason,
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
+            "transfer": dict(self.transfer) if self.transfer else None,
         }
         if self.console_tail:
             doc["console_tail"] = list(self.console_tail)
@@ -124,6 +153,7 @@ class Job:
     initrd_sha: str | None = None  # of the node's initrd: image initrd + overlay
     image: str | None = None
     skip_kexec: bool = False  # node metadata rhaas.kexec is false: the power path only
+    index: int = 0  # the node's place in the run (rhaas.core.kexec.sources)
 
 
 @dataclass
@@ -136,6 +166,8 @@ class Context:
     # shared by every thread and worker process of the run (set by the scheduler):
     cycle_slots: object = None  # a semaphore of fallback_window power cycles in flight
     bmc_slots: object = None  # a semaphore of bmc_parallel BMC calls in flight
+    pull: object = None  # rhaas.core.kexec.sources.Pull when the image can be pulled over HTTP
+    after_fork: object = None  # called once the worker processes exist (starts the origin's threads)
 
 
 def kexec_disabled(doc: dict) -> bool:
@@ -220,7 +252,7 @@ def plan(snapshot, names: Iterable[str], image: Image | None, opts: KexecOptions
                 kernel=image.kernel.path,
                 initrd=image.initrd.path,
                 cmdline=kernel_cmdline(image.append, "<nonce>"),
-                cache=f"/run/rhaas/{image.kernel.sha256}",
+                cache=f"{opts.cache_dir}/{image.kernel.sha256}",
             )
         power_only = kexec_disabled(doc)
         if power_only:

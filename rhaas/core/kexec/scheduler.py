@@ -27,8 +27,10 @@ from collections.abc import Iterator
 from rhaas.core.kexec.node_run import NodeRun
 from rhaas.core.kexec.plan import Context, Job, KexecOptions, KexecResult
 
-# a worker process pays for itself only with enough handshakes to spread
-NODES_PER_PROCESS = 64
+# a worker process pays for itself only with enough handshakes to spread: a fork costs a few
+# ms, a node two handshakes (before and after its jump) of ~5 ms CPU each; at 100 nodes two
+# processes cut the run by ~0.5 s on two cores (bench/bench_images.py, the cached cycle)
+NODES_PER_PROCESS = 40
 
 
 def _process_count(n_jobs: int, opts: KexecOptions) -> int:
@@ -59,6 +61,8 @@ def run_jobs(jobs: list[Job], ctx: Context) -> Iterator[KexecResult]:
     if procs == 1:
         ctx.cycle_slots = threading.BoundedSemaphore(max(1, ctx.opts.fallback_window))
         ctx.bmc_slots = threading.BoundedSemaphore(max(1, ctx.opts.bmc_parallel))
+        if ctx.after_fork:
+            ctx.after_fork()
         yield from _run_in_threads(jobs, ctx, max(1, min(ctx.opts.parallel, len(jobs))))
         return
     yield from _run_in_processes(jobs, ctx, procs)
@@ -96,6 +100,8 @@ def _run_in_processes(jobs: list[Job], ctx: Context, procs: int):
         p.start()
         send.close()
         children.append((p, recv, {j.doc["name"] for j in share}))
+    if ctx.after_fork:  # threads of the parent (the image listener) start only now that no fork is left
+        ctx.after_fork()
     open_pipes = {recv: (p, names) for p, recv, names in children}
     done: set[str] = set()
     try:
@@ -186,6 +192,7 @@ class Pool:
         self._cv = threading.Condition()
         self._fresh: deque = deque()
         self._timed: list = []
+        self._urgent: list = []  # due steps of nodes fetching an image: before fresh nodes and polls
         self._seq = itertools.count()
         self._pending = 0
         self._stopped = False
@@ -211,6 +218,8 @@ class Pool:
         with self._cv:
             while not self._stopped:
                 now = time.monotonic()
+                if self._urgent and self._urgent[0][0] <= now:
+                    return heapq.heappop(self._urgent)[2]
                 if self._timed and self._timed[0][0] <= now - self.lag:
                     return heapq.heappop(self._timed)[2]
                 if self._fresh:
@@ -219,7 +228,8 @@ class Pool:
                     return heapq.heappop(self._timed)[2]
                 if self._pending == 0:
                     return None
-                self._cv.wait(self._timed[0][0] - now if self._timed else None)
+                due = min([h[0][0] for h in (self._timed, self._urgent) if h], default=None)
+                self._cv.wait(due - now if due is not None else None)
             return None
 
     def _work(self) -> None:
@@ -234,7 +244,8 @@ class Pool:
                     if self._pending == 0:
                         self._cv.notify_all()
                 else:
-                    heapq.heappush(self._timed, (due, next(self._seq), run))
+                    heap = self._urgent if getattr(run, "urgent", False) else self._timed
+                    heapq.heappush(heap, (due, next(self._seq), run))
                     self._cv.notify()
             if due is None:
                 self.results.put(run.result)

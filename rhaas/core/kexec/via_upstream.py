@@ -193,14 +193,16 @@ def kexec_routed(
     image_name: str | None = None,
     on_result: Callable[[KexecResult], None] | None = None,
     via: str = "auto",
+    stats: dict | None = None,
 ) -> list[KexecResult]:
-    """``rhaas kexec``: over SSH (:func:`~rhaas.core.kexec.batch.kexec_nodes`) or through the upstream."""
+    """``rhaas kexec``: over SSH (:func:`~rhaas.core.kexec.batch.kexec_nodes`) or through the upstream.
+    ``stats`` gets the SSH path's run figures (``origin_bytes``)."""
     from rhaas.core.kexec.batch import kexec_nodes
 
     names = list(names)
     docs = lookup_nodes(store.snapshot(), names)
     if choose_path(store, settings, docs, opts, via) == "ssh":
-        return kexec_nodes(store, settings, names, image, opts, image_name, on_result=on_result)
+        return kexec_nodes(store, settings, names, image, opts, image_name, on_result=on_result, stats=stats)
     return kexec_via_upstream(store, settings, docs, image, opts, image_name or image.name, on_result)
 
 

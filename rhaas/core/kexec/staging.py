@@ -1,0 +1,185 @@
+"""How a node that lacks the image gets it: pulled over HTTP (origin or peer), or pushed over SFTP.
+
+A :class:`~rhaas.core.kexec.node_run.NodeRun` step, split out of the state machine: the
+overlay (keys) is always written over SSH; the kernel and initrd come from the source that
+:mod:`rhaas.core.kexec.sources` assigns (:meth:`Staging._fetch`: fetch, verify, build the
+initrd and ``kexec -l`` in one command), or over SFTP when the node has no HTTP client or no
+source is left (:meth:`Staging._push`). A node that serves the image to peers waits, holding
+no thread, until no node is left to fetch, then stops its server and jumps (:meth:`Staging._hold`).
+Each node records ``transfer``: the path it took, the bytes, the source, dropped sources.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rhaas.core.kexec.commands import Commands, parse_fetch
+
+
+class Staging:
+    """Mixin of :class:`~rhaas.core.kexec.node_run.NodeRun`: its staging steps."""
+
+    def _stage_start(self) -> float | None:
+        """The node lacks the image: the overlay (keys) goes over SSH, the rest is pulled if we can."""
+        from rhaas.adapters.ssh import SSHError
+
+        job = self.job
+        remote = Commands.cache_path(job.overlay_sha, self.opts.cache_dir)
+        try:
+            try:  # a few KB, written atomically: sending it is cheaper than asking whether it is there
+                self.uploaded += self.sess.put(job.overlay, remote)
+            except SSHError:
+                self.sess.makedirs(self.opts.cache_dir)  # the first image this node gets
+                self.uploaded += self.sess.put(job.overlay, remote)
+        except BaseException:
+            self._close_sess()
+            raise
+        if self.ctx.pull is None:
+            return self._push()
+        self._next = self._fetch
+        return self._fetch()
+
+    @property
+    def urgent(self) -> bool:
+        """A node fetching an image (or serving it) goes before nodes not started and polls:
+        its source's slot, or the nodes waiting for it as a source, depend on it."""
+        return getattr(self._next, "__func__", None) in (Staging._fetch, Staging._hold)
+
+    def _close_sess(self) -> None:
+        sess, self.sess = self.sess, None
+        if sess is not None:
+            sess.close()
+
+    def _settle(self) -> None:
+        """This node no longer needs a source (once per node)."""
+        if not self.settled and self.ctx.pull is not None:
+            self.settled = True
+            self.ctx.pull.sources.settle(self.job.index)
+
+    def _fetch(self) -> float | None:
+        """Ask for a source; pull, verify, build the initrd and load in one command."""
+        from rhaas.core.kexec.sources import NONE, WAIT
+
+        pull, job, img = self.ctx.pull, self.job, self.ctx.image
+        src = pull.sources.acquire(job.index, self.tried)
+        if src == WAIT:
+            if time.monotonic() - self.stage_t0 > self.opts.command_timeout + pull.fetch_timeout:
+                self.dropped.append("no source became free in time")
+                return self._push()
+            return time.monotonic() + 0.05
+        t_cmd = time.monotonic()
+        if not self.fetch_s:  # time spent waiting for a first source
+            self.wait_s = t_cmd - self.stage_t0
+        if src == NONE:
+            return self._push()
+        serve = pull.serve_for(job.index)
+        fire = self.opts.mode != "load" and serve is None
+        cmd = Commands.fetch_and_load(
+            img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha, job.cmdline, fire, job.nonce,
+            [pull.base(src)], pull.fetch_timeout, self.opts.cache_dir, serve,
+        )
+        try:
+            r = self.sess.run(cmd, timeout=self.opts.command_timeout + 2 * pull.fetch_timeout)
+        except BaseException:
+            pull.sources.release(src, ok=True)  # our session failed, not the source
+            self._close_sess()
+            raise
+        self.fetch_s += time.monotonic() - t_cmd
+        said = parse_fetch(r)
+        if said["client"] in (None, "none") and not said["got"]:
+            pull.sources.release(src, ok=True)
+            self.dropped.append("no HTTP client on the node" if said["client"] == "none" else f"fetch: {r.why()}")
+            return self._push()
+        sizes = {img.kernel.sha256: img.kernel.size, img.initrd.sha256: img.initrd.size}
+        got = sum(sizes.get(sha, 0) for sha, _ in said["got"])
+        if said["nosource"] or (said["bad"] and not said["got"]):
+            why = said["bad"][-1][1] if said["bad"] else "no answer"
+            pull.sources.release(src, ok=False)
+            self.tried.add(src)
+            self.dropped.append(f"{pull.label(src)}: {why}")
+            self.fetched += got
+            return time.monotonic()
+        pull.sources.release(src, ok=True)
+        self.fetched += got
+        self.transfer = {
+            "path": "origin" if src == pull.sources.origin else "peer",
+            "bytes": self.fetched, "source": pull.label(src),
+            "wait_s": round(self.wait_s, 3), "fetch_s": round(self.fetch_s, 3),  # fetch_s: fetch+load
+        }
+        self._settle()
+        _, cached, loaded = Commands.parse_load(r)
+        if not cached:
+            self._close_sess()
+            return self._failed(f"cannot build the initrd on the node: {r.why()}")
+        # fetch, verify, build and kexec -l are one command: all of it counts as stage
+        self.phases["stage"] = time.monotonic() - self.stage_t0
+        self.phases["load"] = 0.0
+        if not loaded:
+            self._close_sess()
+            return self._failed(f"kexec -l failed: {r.why()}")
+        self._close_sess()
+        if said["serving"]:
+            self.serve = serve
+            # bounded even if a node never settles (its worker process died)
+            self.hold_until = time.monotonic() + self.opts.command_timeout + 2 * pull.fetch_timeout
+            pull.sources.holds(job.index)
+            self._next = self._hold
+            return time.monotonic()
+        if serve is not None:  # loaded but could not serve: jump now, as a non-serving node
+            return self._release_and_fire(serve)
+        return self._loaded(r, fire)
+
+    def _hold(self) -> float | None:
+        """A serving node waits (holding no thread) until no node is left to fetch, then stops its
+        server and jumps."""
+        if not self.ctx.pull.sources.settled() and time.monotonic() < self.hold_until:
+            return time.monotonic() + 0.1
+        return self._release_and_fire(self.serve)
+
+    def _release_and_fire(self, serve) -> float | None:
+        self.ctx.pull.sources.stop_serving(self.job.index)
+        fire = self.opts.mode != "load"
+        with self._connect(self.opts.connect_timeout, self.opts.command_timeout) as sess:
+            r = sess.run(Commands.stop_serving(serve, fire))
+        if fire and Commands.LOADED not in [ln.strip() for ln in r.lines]:
+            return self._failed(f"kexec -e after serving: no kernel loaded: {r.why()}")
+        return self._loaded(r, fire)
+
+    def _push(self) -> float | None:
+        """Today's path: upload what the node lacks over SFTP, build the initrd, load (and fire)."""
+        img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
+        fire = self.opts.mode != "load"
+        try:
+            before = self.uploaded
+            self._stage(self.sess)
+            t1 = time.monotonic()
+            self.phases["stage"] = t1 - self.stage_t0
+            self.transfer = {"path": "sftp", "bytes": self.fetched + self.uploaded - before}
+            self._settle()
+            r = self.sess.run(
+                Commands.combine_and_load(
+                    img.kernel.sha256, img.initrd.sha256, job.overlay_sha, job.initrd_sha,
+                    job.cmdline, fire, job.nonce, cache,
+                )
+            )
+        finally:
+            self._close_sess()
+        _, cached, loaded = Commands.parse_load(r)
+        if not cached:
+            return self._failed(f"cannot build the initrd on the node: {r.why()}")
+        self.phases["load"] = time.monotonic() - t1
+        if not loaded:
+            return self._failed(f"kexec -l failed: {r.why()}")
+        return self._loaded(r, fire)
+
+    def _stage(self, sess) -> None:
+        img, job, cache = self.ctx.image, self.job, self.opts.cache_dir
+        sess.makedirs(cache)
+        for sha, source in (
+            (img.kernel.sha256, img.kernel.path),
+            (img.initrd.sha256, img.initrd.path),
+            (job.overlay_sha, job.overlay),
+        ):
+            remote = Commands.cache_path(sha, cache)
+            if not sess.exists(remote):
+                self.uploaded += sess.put(source, remote)
