@@ -233,6 +233,7 @@ elif command -v wget >/dev/null 2>&1; then get=wget
 else echo rhaas:client none; exit 3; fi
 echo "rhaas:client $get"
 lim=; command -v timeout >/dev/null 2>&1 && lim="timeout $t"
+# no wget -T: Debian's busybox-static 1.35 wget crashes on it; timeout(1) bounds the fetch
 mkdir -p "$c" || exit 4
 for s in $shas; do
   [ -f "$c/$s" ] && continue
@@ -240,7 +241,7 @@ for s in $shas; do
   for b in "$@"; do
     i=$((i+1)); tmp="$c/.fetch.$s.$$"
     if [ "$get" = curl ]; then $lim curl -fsS --connect-timeout 5 --max-time "$t" -o "$tmp" "$b/$s" 2>/dev/null
-    else $lim wget -q -T "$t" -O "$tmp" "$b/$s" 2>/dev/null; fi
+    else $lim wget -q -O "$tmp" "$b/$s" 2>/dev/null; fi
     rc=$?
     if [ "$rc" -ne 0 ]; then echo "rhaas:bad $i fetch failed (exit $rc)"; rm -f "$tmp"; continue; fi
     if ! printf '%s  %s\n' "$s" "$tmp" | sha256sum -c >/dev/null 2>&1; then
