@@ -26,11 +26,8 @@ An upstream is untrusted input, so every call is bounded three ways:
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
-import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +35,9 @@ from urllib.parse import urlencode, urlsplit
 
 from rhaas import protocol
 from rhaas.adapters.hil_answers import Checker, UpstreamMisbehaved
+from rhaas.adapters.hil_console import ConsoleCalls
+from rhaas.adapters.hil_kexec import KexecCalls
+from rhaas.adapters.hil_transport import READ_CHUNK, BoundedHTTP, BoundedHTTPS, failure_reason
 from rhaas.errors import (
     APIError,
     AuthorizationError,
@@ -52,9 +52,6 @@ from rhaas.errors import (
 MiB = 1024 * 1024
 DEFAULT_MAX_LIST_BYTES = 8 * MiB  # the defaults of the settings upstream-max-list-bytes / -doc-bytes
 DEFAULT_MAX_DOC_BYTES = 1 * MiB
-MAX_SOCKET_TIMEOUT = 1e6  # socket.settimeout refuses huge values; no call is meant to last longer
-READ_CHUNK = 64 * 1024
-MAX_CONSOLE_SECONDS = 3600.0  # the longest a console stream is read, unless the caller says
 # calls whose answer is a list of names (the larger cap), and what the names are
 NAME_LISTS = {"list_nodes": "node", "project_nodes": "node",
               "project_networks": "network", "list_networks": "network"}
@@ -89,78 +86,9 @@ def decode_metadata(meta: dict) -> dict:
     return out
 
 
-class _CallTimedOut(TimeoutError):
-    """The call's deadline passed (raised between socket operations)."""
+class HILClient(KexecCalls, ConsoleCalls):
+    """HIL's v0 calls (and rhaas serve's extensions), each bounded in time and size."""
 
-
-class _DeadlineReader(io.RawIOBase):
-    """The socket's incoming bytes; each read waits at most until the owner's deadline.
-
-    It reads through the socket's own raw file (``makefile(buffering=0)``), which keeps the
-    socket open while a response still reads from it, as http.client expects of ``makefile``.
-    """
-
-    def __init__(self, sock: socket.socket, owner: _Bounded):
-        self._sock = sock
-        self._raw = sock.makefile("rb", buffering=0)
-        self._owner = owner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        self._sock.settimeout(self._owner.time_left())
-        return self._raw.readinto(buf)
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-class _DeadlineSocket:
-    """The connection's socket as http.client sees it: sends and reads bounded by the deadline."""
-
-    def __init__(self, sock: socket.socket, owner: _Bounded):
-        self._sock = sock
-        self._owner = owner
-
-    def makefile(self, mode: str = "rb", *args, **kwargs):
-        return io.BufferedReader(_DeadlineReader(self._sock, self._owner))
-
-    def sendall(self, data, *flags):
-        self._sock.settimeout(self._owner.time_left())  # a bound on the whole sendall since 3.5
-        return self._sock.sendall(data, *flags)
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-class _Bounded:
-    """Mixin for http.client connections: connect and every socket operation end by `deadline`."""
-
-    deadline = 0.0  # time.monotonic() value; set before each call
-
-    def time_left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _CallTimedOut()
-        return min(left, MAX_SOCKET_TIMEOUT)
-
-    def connect(self) -> None:
-        self.timeout = self.time_left()
-        super().connect()  # type: ignore[misc]  # TCP connect, and the TLS handshake for https
-        self.sock = _DeadlineSocket(self.sock, self)  # type: ignore[has-type]
-
-
-class _HTTP(_Bounded, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPS(_Bounded, http.client.HTTPSConnection):
-    pass
-
-
-class HILClient:
     def __init__(self, url: str, user: str | None, password: str | None, timeout: float = 30.0,
                  max_list_bytes: int = DEFAULT_MAX_LIST_BYTES, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
                  warn: Callable[[str], None] | None = None):
@@ -182,11 +110,11 @@ class HILClient:
         self._local = threading.local()
 
     # -- transport --------------------------------------------------------------------------
-    def _conn(self, scheme: str, host: str, port: int) -> _HTTP | _HTTPS:
-        cls = _HTTPS if scheme == "https" else _HTTP
+    def _conn(self, scheme: str, host: str, port: int) -> BoundedHTTP | BoundedHTTPS:
+        cls = BoundedHTTPS if scheme == "https" else BoundedHTTP
         return cls(host, port, timeout=self.timeout)
 
-    def _pooled(self) -> _HTTP | _HTTPS:
+    def _pooled(self) -> BoundedHTTP | BoundedHTTPS:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._conn(self.scheme, self.host, self.port)
@@ -247,7 +175,7 @@ class HILClient:
                     f"upstream {self.url} unreachable: no complete answer within {self.timeout:g} s") from None
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(conn)
-                raise UpstreamUnreachable(f"upstream {self.url} unreachable: {_why(exc)}") from None
+                raise UpstreamUnreachable(f"upstream {self.url} unreachable: {failure_reason(exc)}") from None
             except BaseException:
                 self._drop(conn)  # a refused answer: the rest of it may still be on the wire
                 raise
@@ -331,7 +259,7 @@ class HILClient:
             raise UpstreamUnreachable(
                 f"the power endpoint of {self.url} gave no complete answer within {self.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise UpstreamUnreachable(f"the power endpoint of {self.url} is unreachable: {_why(exc)}") from None
+            raise UpstreamUnreachable(f"the power endpoint of {self.url} is unreachable: {failure_reason(exc)}") from None
         finally:
             conn.close()
         if status >= 300 and not data.strip():
@@ -409,202 +337,3 @@ class HILClient:
                 return "PENDING"
             time.sleep(delay)
             delay = min(delay * 2, 2.0)  # poll sparingly: each call costs a real HIL ~0.4 s
-
-    # -- the rhaas.kexec extension (only another `rhaas serve` offers it) --------------------------
-    def active_extensions(self) -> list[str]:
-        doc = self.call("list_active_extensions")
-        return [e for e in doc if isinstance(e, str)] if isinstance(doc, list) else []
-
-    def blob_held(self, sha256: str) -> bool:
-        try:
-            self.call("rhaas_blob_show", sha256=sha256)
-        except APIError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
-    def blob_upload(self, sha256: str, path: str) -> int:
-        """Upload a local file as blob ``sha256``, part by part (protocol.BLOB_PART bytes each,
-        every part one call within the call deadline), then commit it; returns its size."""
-        import os
-
-        size = os.path.getsize(path)
-        offset = 0
-        with open(path, "rb") as fh:
-            while offset < size:
-                part = fh.read(protocol.BLOB_PART)
-                if not part:
-                    raise UsageError(f"{path} shrank while it was being uploaded")
-                self.call_raw("rhaas_blob_part", part, sha256=sha256, offset=str(offset))
-                offset += len(part)
-        self.call("rhaas_blob_commit", {"size": size}, sha256=sha256)
-        return size
-
-    def call_raw(self, name: str, data: bytes, **path_args):
-        """One call of a ``raw_body`` route: ``data`` as an octet-stream body, one deadline."""
-        route = protocol.BY_NAME[name]
-        path = route.url_path(**path_args)
-        deadline = time.monotonic() + self.timeout
-        what = f"{route.method} {path}"
-        status, _, answer = self._request(route.method, path, data, deadline, self.max_doc_bytes, what,
-                                          content_type="application/octet-stream")
-        if not 200 <= status < 300:
-            raise error_from_body(status, answer)
-        return json.loads(answer) if answer.strip() else None
-
-    def kexec_start(self, nodes: list[str], kernel: str, initrd: str, append: str, ssh_keys: list[str],
-                    timeout: float | None = None, fallback: bool = True, blob_url: str | None = None) -> str:
-        body: dict = {"nodes": list(nodes), "kernel": kernel, "initrd": initrd, "append": append,
-                      "ssh_keys": list(ssh_keys), "fallback": bool(fallback)}
-        if timeout is not None:
-            body["timeout"] = float(timeout)
-        if blob_url:
-            body["blob_url"] = blob_url
-        doc = self.call("rhaas_kexec", body)
-        action = doc.get("action_id") if isinstance(doc, dict) else None
-        if not isinstance(action, str) or not protocol.valid_name(action):
-            raise HTTPError("upstream answered a kexec without a valid action_id", status=502)
-        return action
-
-    def kexec_status(self, action_id: str) -> dict:
-        doc = self.call("rhaas_kexec_status", action_id=action_id)
-        if not isinstance(doc, dict) or doc.get("status") not in ("PENDING", "DONE", "ERROR"):
-            raise HTTPError("upstream answered a kexec status that is not one", status=502)
-        return doc
-
-
-    # -- the console (a byte stream, not a JSON answer) ---------------------------------------------
-    def console(self, node: str, follow: bool = True, lines: int | None = None,
-                max_seconds: float | None = None) -> ConsoleStream:
-        """Open ``GET /v0/node/<node>/console`` (following a 307 to an obmd-like endpoint).
-
-        Connecting and the answer's headers are bounded by ``timeout``, as every call here; the
-        body is then read until the caller stops (:meth:`ConsoleStream.close`) or for at most
-        ``max_seconds`` (``MAX_CONSOLE_SECONDS`` if None). ``lines``/``follow`` are rhaas
-        serve's own query keys; a HIL that refuses them (400) gets HIL's plain form instead.
-        """
-        query = {}
-        if lines is not None:
-            query["lines"] = str(int(lines))
-        if lines is not None or not follow:  # following everything kept is HIL's own form: no query
-            query["follow"] = "yes" if follow else "no"
-        try:
-            return self._open_console(node, query, max_seconds)
-        except APIError as exc:
-            if not (query and exc.status == 400):
-                raise
-        return self._open_console(node, {}, max_seconds)
-
-    def console_tail(self, node: str, lines: int | None, cap: int = 64 * 1024, wait: float = 3.0) -> bytes:
-        """The node's last console bytes (about ``lines`` lines, or all the upstream keeps; at
-        most ``cap`` bytes kept).
-
-        rhaas serve ends the answer itself; HIL's endless stream is read for ``wait`` seconds.
-        """
-        stream = self.console(node, follow=False, lines=lines, max_seconds=wait)
-        buf = bytearray()
-        try:
-            while True:
-                data = stream.read(wait)
-                if not data:
-                    break
-                buf += data
-                if len(buf) > cap:
-                    del buf[: len(buf) - cap]
-        finally:
-            stream.close()
-        return bytes(buf)
-
-    def _open_console(self, node: str, query: dict, max_seconds: float | None) -> ConsoleStream:
-        path = self.base + protocol.BY_NAME["node_console"].url_path(node=node)
-        if query:
-            path += "?" + urlencode(query)
-        what = f"GET {path}"
-        bound = max_seconds or MAX_CONSOLE_SECONDS
-        scheme, host, port, auth = self.scheme, self.host, self.port, True
-        for _hop in (1, 2):
-            conn = self._conn(scheme, host, port)
-            conn.deadline = time.monotonic() + self.timeout
-            try:
-                headers = {"Authorization": self._auth} if auth and self._auth else {}
-                conn.request("GET", path, headers=headers)
-                sock = conn.sock  # getresponse() lets go of it when the answer will close the connection
-                resp = conn.getresponse()
-                location = resp.getheader("Location")
-                if 200 <= resp.status < 300:
-                    conn.deadline = time.monotonic() + bound  # the body: until the caller stops, or this
-                    return ConsoleStream(conn, resp, sock)
-                data = self._read_capped(resp, self.max_doc_bytes, what)
-            except TimeoutError:
-                conn.close()
-                raise UpstreamUnreachable(
-                    f"upstream {self.url} unreachable: no console answer within {self.timeout:g} s") from None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise UpstreamUnreachable(f"upstream {self.url} unreachable: {_why(exc)}") from None
-            except BaseException:
-                conn.close()
-                raise
-            conn.close()
-            if resp.status == 307 and location and auth:
-                parts = urlsplit(location)  # a token URL: followed, never logged
-                if parts.scheme in ("http", "https") and parts.hostname:
-                    scheme, host = parts.scheme, parts.hostname
-                    port = parts.port or (443 if scheme == "https" else 80)
-                path = parts.path + ("?" + parts.query if parts.query else "")
-                auth = False
-                continue
-            if not auth and not data.strip():
-                raise OBMError(f"console endpoint answered HTTP {resp.status}", status=resp.status)
-            err = error_from_body(resp.status, data)
-            if is_auth_failure(err):
-                raise AuthorizationError(
-                    f"upstream {self.url} rejected the credentials of user {self.user!r}", status=401) from None
-            raise err
-        raise UpstreamMisbehaved(f"upstream {self.url} misbehaved: the console redirected more than once")
-
-
-class ConsoleStream:
-    """An open console answer: bytes as they come, until the server ends it, the caller
-    closes it, or the overall bound passes (then :meth:`read` gives None)."""
-
-    def __init__(self, conn, resp: http.client.HTTPResponse, sock):
-        self._conn = conn
-        self._resp = resp
-        self._sock = sock
-        self._closed = False
-
-    def read(self, timeout: float | None = None) -> bytes | None:
-        """Blocks until bytes arrive (``timeout`` is not used: a timed-out read could cut a
-        chunk header in half); :meth:`interrupt` from another thread wakes it."""
-        if self._closed:
-            return None
-        try:
-            data = self._resp.read1(READ_CHUNK)
-        except (OSError, http.client.HTTPException, ValueError, AttributeError):
-            return None  # the bound passed, the server or the caller cut the connection
-        return data or None
-
-    def interrupt(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError, AttributeError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closed = True
-        for part in (self._resp, self._conn, self._sock):
-            with contextlib.suppress(Exception):
-                part.close()
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):  # socket.timeout is an alias of TimeoutError
-        return "timed out"
-    if isinstance(exc, http.client.IncompleteRead):
-        return "the answer was cut short"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return "host name not found"
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
