@@ -306,7 +306,7 @@ def bench_failures(tmp: Path) -> None:
 
 def bench_kexec_faults(tmp: Path) -> None:
     """One `rhaas kexec` over five farm nodes that each fail differently (--timeout 4)."""
-    from rhaas.adapters.ssh import ensure_client_key
+    from rhaas.adapters.hostkeys import ensure_client_key
     from rhaas.core.images import add_image, make_image
     from rhaas.sim.farm import launch
 

@@ -28,41 +28,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Self
 
-from rhaas.errors import RhaasError
+from rhaas.adapters.ssh_errors import (
+    AuthFailed,
+    CommandTimeout,
+    HostKeyChanged,
+    HostKeyUnknown,
+    SSHError,
+    Unreachable,
+    why,
+)
 from rhaas.model import SSHAddress, fingerprint, parse_ssh
-
-
-# -- errors: one line each, phrased for the operator ------------------------------------------
-class SSHError(RhaasError):
-    """Any SSH failure, with a one-line reason."""
-
-
-class Unreachable(SSHError):
-    """Nothing usable answered: refused, timed out, reset, or no SSH banner.
-
-    ``transient`` is set when something did answer but dropped the handshake (an
-    overloaded sshd does that): worth one more try, unlike a refused or silent port.
-    """
-
-    def __init__(self, msg: str, transient: bool = False):
-        super().__init__(msg)
-        self.transient = transient
-
-
-class HostKeyUnknown(SSHError):
-    pass
-
-
-class HostKeyChanged(SSHError):
-    pass
-
-
-class AuthFailed(SSHError):
-    pass
-
-
-class CommandTimeout(SSHError):
-    pass
 
 
 # -- addressing and connecting --------------------------------------------------------------------
@@ -82,21 +57,6 @@ def connect_socket(addr: SSHAddress, timeout: float, node: str | None = None) ->
         raise Unreachable(f"cannot connect to {who}: {why(exc)}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def why(exc: BaseException) -> str:
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset"
-    if isinstance(exc, EOFError):
-        return "connection closed"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _quiet_paramiko() -> None:
@@ -412,19 +372,3 @@ class Link:
 def open_session(endpoint: Endpoint, pkey, connect_timeout: float, command_timeout: float) -> Session:
     """One session to a node over a fresh :class:`Link`."""
     return Link(endpoint, pkey).open(connect_timeout, command_timeout)
-
-
-# names that moved to rhaas.adapters.hostkeys, still importable from here (lazily: hostkeys
-# imports this module)
-_MOVED = frozenset({
-    "CLIENT_KEY", "KNOWN_HOSTS", "ensure_client_key", "fetch_host_key", "key_fingerprint",
-    "known_hosts_add", "known_hosts_path", "load_client_key", "parse_key_line", "read_known_hosts",
-})
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from rhaas.adapters import hostkeys
-
-        return getattr(hostkeys, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

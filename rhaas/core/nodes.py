@@ -124,7 +124,7 @@ def offered_host_key(store, name: str, timeout: float) -> tuple[str, str, str]:
     doc = require_node(store.snapshot(), name)
     if not doc.get("ssh"):
         raise UsageError(f"node {name} has no SSH address; set one with 'rhaas node set {name} --ssh ...'")
-    from rhaas.adapters.ssh import fetch_host_key
+    from rhaas.adapters.hostkeys import fetch_host_key
 
     key = fetch_host_key(doc["ssh"], timeout=timeout)
     return doc["ssh"], key, fingerprint(key)
