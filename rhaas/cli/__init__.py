@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "power": ("rhaas.cli.power", "power", "Power nodes on, off, cycle them or read status."),
     "console": ("rhaas.cli.console", "console", "Show a node's serial console."),
     "bootdev": ("rhaas.cli.power", "bootdev", "Set nodes' boot device."),
-    "image": ("rhaas.cli.provision", "image", "Manage kernel+initrd images."),
+    "image": ("rhaas.cli.images", "image", "Manage kernel+initrd images."),
     "kexec": ("rhaas.cli.provision", "kexec", "Jump nodes into a new kernel over SSH."),
     "serve": ("rhaas.cli.serve", "serve", "Serve this inventory as a HIL v0 API."),
     "user": ("rhaas.cli.serve", "user", "Manage users of `rhaas serve`."),

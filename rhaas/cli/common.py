@@ -25,6 +25,11 @@ class CommandError(click.ClickException):
         click.echo(f"{self.prefix}: error: {self.format_message()}", err=True)
 
 
+def fail_on(exc) -> CommandError:
+    """A RhaasError as the CLI's one-line error, with the error's own exit code."""
+    return CommandError(str(exc), exc.exit_code)
+
+
 class App:
     """What a command needs: the store, the settings, the upstream client (all lazy)."""
 
