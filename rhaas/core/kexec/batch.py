@@ -196,7 +196,7 @@ def _watch_consoles(store, settings: dict, jobs: list[Job], opts: KexecOptions):
     """The consoles of the nodes that will jump (rhaas.core.console; started after the fork), or None."""
     if opts.mode == "load" or not jobs:
         return None
-    from rhaas.core.console import RunConsoles
+    from rhaas.core.console_run import RunConsoles
 
     try:
         return RunConsoles(store, settings, [j.doc for j in jobs])
