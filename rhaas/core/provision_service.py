@@ -220,7 +220,7 @@ class ProvisionService:
     # -- the work (on this service's threads) ---------------------------------------------------------
     def _node_done(self, action: dict, name: str, r: dict) -> None:
         entry = {"status": "DONE" if r.get("outcome") == "ok" else "ERROR", "outcome": r.get("outcome")}
-        for k in ("boot_id", "nonce", "reason", "phases", "fired"):
+        for k in ("boot_id", "nonce", "reason", "phases", "fired", "console_tail"):
             if r.get(k) is not None:
                 entry[k] = r[k]
         with self._lock:

@@ -19,6 +19,21 @@ def node_state(node) -> dict:
     return parse_state(out)
 
 
+def wait_free(stack, name: str, timeout: float = 300.0) -> None:
+    """Wait until the lab's root lists ``name`` as free again: a node given back goes to the
+    standby image in the background first, and is not free (nor leasable) until it is back."""
+    import time
+
+    from rhaas.adapters.hil import HILClient
+
+    client = HILClient(stack.url, "tenant", stack.password(), timeout=30)
+    deadline = time.monotonic() + timeout
+    while name not in client.free_nodes():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} did not come back to the free list within {timeout:g}s")
+        time.sleep(0.5)
+
+
 def socket_inodes(pid: int) -> set[str]:
     inodes = set()
     fd_dir = f"/proc/{pid}/fd"

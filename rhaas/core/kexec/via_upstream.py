@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from rhaas import model
+from rhaas.core.console_run import TAIL_LINES
 from rhaas.core.images import Image, check_files
 from rhaas.core.kexec.plan import KexecOptions, KexecResult, authorized_keys_for, lookup_nodes
 from rhaas.errors import APIError, RhaasError, UpstreamUnreachable, UsageError
@@ -56,12 +57,16 @@ def _result(name: str, entry: dict, image: str | None) -> KexecResult:
     if outcome not in ("ok", "fallback", "failed"):
         outcome = "ok" if entry.get("status") == "DONE" else "failed"
     phases = entry.get("phases") if isinstance(entry.get("phases"), dict) else {}
+    # the level that ran the kexec kept the node's console: its last lines come up with the result
+    tail = entry.get("console_tail") if isinstance(entry.get("console_tail"), list) else []
     return KexecResult(
         name, outcome, image, _str(entry.get("nonce")), _str(entry.get("boot_id")),
         _str(entry.get("reason")) if outcome != "ok" else None,
         phases={str(k): float(v) for k, v in phases.items() if isinstance(v, (int, float))},
         fired=bool(entry.get("fired", outcome != "failed")),
         finished=time.time(),
+        console_tail=[line for line in (_str(t) for t in tail[-TAIL_LINES:]) if line is not None]
+        if outcome != "ok" else [],
     )
 
 
