@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 #: Bump when the image layout / scripts change, to invalidate caches.
-RECIPE_VERSION = "6"
+RECIPE_VERSION = "7"
 
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=5"
 

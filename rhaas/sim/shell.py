@@ -300,6 +300,9 @@ class Shell:
             fds[1].write(("\n".join(found) + "\n").encode())
         return 0 if found else 1
 
+    async def cmd_sync(self, args, fds) -> int:
+        return 0  # the farm's files are the host's: nothing a simulated power cut could lose
+
     async def cmd_sleep(self, args, fds) -> int:
         try:
             await asyncio.sleep(float(args[0]))

@@ -146,7 +146,7 @@ def test_host_key_pinned_across_kexec(lab_stack, timings):
     rc, results, err = kexec(lab_stack, "lab-02", "--exec")
     timings["rhaas kexec --exec (pre-loaded)"] = time.monotonic() - t0
     r = results[0]
-    assert rc == 0 and r["outcome"] == "ok", (r, err)
+    assert rc == 0 and r["outcome"] == "ok", (r.get("reason"), r, err)
     after = node_state(node)
     assert after["boot_id"] == r["boot_id"] != before["boot_id"]
     assert f"rhaas.nonce={r['nonce']}" in after["cmdline"].split() and after["image"] == "second"

@@ -93,7 +93,9 @@ class Commands:
         tmp = f"{target}.tmp.{_check_tag(tag)}"
         return (
             f"cat {q(cls.cache_path(base_sha, cache))} {q(cls.cache_path(overlay_sha, cache))} > {q(tmp)}"
-            f" && mv -f {q(tmp)} {q(target)} && echo {cls.CACHED}"
+            # on a disk cache, the bytes are on disk before the name is: a power cut (a fallback
+            # after a failed kexec) never leaves a cached name over unwritten blocks
+            f" && sync {q(tmp)} && mv -f {q(tmp)} {q(target)} && echo {cls.CACHED}"
             f" && {cls._kexec_load(kernel_sha, initrd_sha, cmdline, cache)}{cls._tail(fire)}"
         )
 
@@ -247,7 +249,7 @@ for s in $shas; do
     if ! printf '%s  %s\n' "$s" "$tmp" | sha256sum -c >/dev/null 2>&1; then
       echo "rhaas:bad $i sha256 mismatch"; rm -f "$tmp"; continue
     fi
-    mv -f "$tmp" "$c/$s" || exit 4
+    sync "$tmp" 2>/dev/null; mv -f "$tmp" "$c/$s" || exit 4
     echo "rhaas:got $s $i"; ok=1; break
   done
   [ -n "$ok" ] || { echo "rhaas:nosource $s"; exit 5; }

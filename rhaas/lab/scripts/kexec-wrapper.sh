@@ -19,10 +19,12 @@ done
 ro=
 sync
 for m in $(awk '$1 ~ "^/dev/vd" && $4 ~ "^rw" {print $2}' /proc/mounts); do
+    : > "$m/.rhaas-clean"  # put away cleanly: the next boot may trust it (rc.sh)
+    sync
     mount -o remount,ro "$m" && ro="$ro $m"
 done
 $real "$@"
 rc=$?
-for m in $ro; do mount -o remount,rw "$m"; done
+for m in $ro; do mount -o remount,rw "$m" && rm -f "$m/.rhaas-clean"; done
 rm -f /run/rhaas-kexec-firing
 exit $rc

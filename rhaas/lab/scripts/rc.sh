@@ -29,7 +29,10 @@ done
 hostname "$host"
 
 # The node's image cache disk (virtio-blk, serial rhaas-cache), if it has one: ext2, made on
-# first use, mounted at the cache directory so images survive kexec and power cycles.
+# first use, mounted at the cache directory so images survive kexec and power cycles. The
+# kexec wrapper leaves .rhaas-clean on it when it puts it away before a jump; a disk without
+# it was cut off mid-use (a power cycle), and an ext2 cut off may hand one block to two files
+# (there is no fsck here), so it is made anew: it is only a cache.
 cachefs=ram
 disk=
 for b in /sys/block/vd*; do
@@ -38,8 +41,15 @@ done
 if [ -n "$disk" ]; then
     mkdir -p "$cache"
     if mount -t ext4 -o noatime "$disk" "$cache" 2>/dev/null; then
-        cachefs=disk
-    else
+        if [ -f "$cache/.rhaas-clean" ]; then
+            rm -f "$cache/.rhaas-clean"
+            sync
+            cachefs=disk
+        else
+            umount "$cache"
+        fi
+    fi
+    if [ "$cachefs" != disk ]; then
         echo "rhaas: formatting the cache disk $disk"
         if mke2fs -F -L rhaas-cache "$disk" >/dev/null 2>&1 && mount -t ext4 -o noatime "$disk" "$cache"; then
             cachefs=disk-new
