@@ -105,6 +105,11 @@ class LabStack:
         # the root kexecs a node into its standby image (with the tenant's keys) before it
         # answers a lease: give that the time a kexec may take
         run_rhaas(home, "config", "set", "upstream-timeout", f"{float(self.rh.get('timeout', 120.0)) + 60:g}")
+        blob = self.rh.get("blob")
+        if blob:  # should it kexec the VMs over SSH itself, they pull from it as from the root
+            from .rootinstance import set_blob
+
+            set_blob(home, blob["listen"], blob["url"])
         return home
 
     def add_image(self, home: str | os.PathLike, name: str = "second") -> None:
