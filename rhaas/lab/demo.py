@@ -260,10 +260,12 @@ def run_demo(out: Out, d: Path, n: int, fd: float) -> dict:
 def summary(out: Out, figures: dict, fd: float) -> None:
     print("\n== Comparison", flush=True)
     k_full, k_exec, pxe = figures["kexec_full_s"], figures["kexec_exec_s"], figures["powercycle_s"]
-    out.say(f"re-provision by kexec (pre-loaded, --exec)     {k_exec:6.1f} s")
-    out.say(f"re-provision by kexec (image on the cache disk)  {k_full:6.1f} s   (transfer "
-            f"{figures.get('repeat_transfer', '-')})")
-    out.say(f"re-provision by PXE power cycle                {pxe:6.1f} s   (firmware delay {fd:g} s)")
+    rows = [("re-provision by kexec (pre-loaded, --exec)", k_exec, ""),
+            ("re-provision by kexec (image on its cache disk)", k_full,
+             f"   (transfer {figures.get('repeat_transfer', '-')})"),
+            ("re-provision by PXE power cycle", pxe, f"   (firmware delay {fd:g} s)")]
+    for label, secs, note in rows:
+        out.say(f"{label:48} {secs:6.1f} s{note}")
     out.say(f"power cycle / kexec: {pxe / k_exec:.1f}x (pre-loaded), {pxe / k_full:.1f}x (full, cached image)")
     out.say(f"first deploy to all nodes: the origin sent {figures.get('origin_bytes', 0) / 1e6:.1f} MB")
     out.say("(a real server's POST takes minutes, not seconds: the gap grows with it)")
