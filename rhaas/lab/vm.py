@@ -19,6 +19,11 @@ node last reported running (last ``RHAAS-READY image=...`` line on its
 console, i.e. whatever was last kexec'd counts as installed), otherwise the
 standby image.
 
+Networking is QEMU's user mode with ``restrict=on`` (no way out), plus two explicit forwards
+that restrict does not affect: the host's loopback ``ssh_port`` to the guest's sshd, and, with
+a ``blob_port``, the guest's ``10.0.2.100:80`` to the host's ``127.0.0.1:blob_port``, where a
+``rhaas kexec`` run serves its image (:meth:`VM.blob_forward`).
+
 QEMU boots the kernel directly (``-kernel/-initrd``); firmware time is
 modelled with SeaBIOS' boot menu wait (``-boot menu=on,splash-time=MS``), so
 power-on and reset pay it while kexec does not.
