@@ -45,7 +45,7 @@ def test_kexec_panic_is_explained_through_two_levels(lab_stack, tmp_path, timing
     run_rhaas(d1, "project", "add", "p2")
     run_rhaas(d1, "user", "add", "bob", "--project", "p2", "--password-stdin", input="bobs-pw\n")
     s1 = start_serve(d1)
-    back = False
+    back, d2 = False, None
     try:
         d2 = lab_stack.derive(tmp_path / "d2", user="bob", project="p2", password="bobs-pw", url=s1.url)
         run_rhaas(d2, "lease", "lab-01")
@@ -93,9 +93,11 @@ def test_kexec_panic_is_explained_through_two_levels(lab_stack, tmp_path, timing
         back = True
         run_rhaas(d2, "free", "lab-01", timeout=300)
     finally:
-        stop_serve(s1.pid, d1)
-        if not back:  # a failure above left the node in its panic: the next tests need it up
+        if not back:  # a failure above left the node in its panic and leased: the next tests need it
             node.vm.set_boot_device("pxe")
             node.vm.power_cycle()
             node.wait_ssh(timeout=240)
-    run_rhaas(d1, "free", "lab-01", timeout=300, check=False)
+            if d2 is not None:
+                run_rhaas(d2, "free", "lab-01", timeout=300, check=False)
+        stop_serve(s1.pid, d1)
+        run_rhaas(d1, "free", "lab-01", timeout=300, check=False)
