@@ -100,6 +100,21 @@ def _new_image(stack, tmp_path, tag: str) -> tuple[str, str]:
     return name, marker
 
 
+def _idle(stack, timeout: float = 300.0) -> None:
+    """Wait until the root runs no kexec on the lab's nodes (an earlier test's ``free`` starts a
+    standby kexec in the background, which holds the node and the lab's origin port)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    busy = list(stack.names)
+    while busy and time.monotonic() < deadline:
+        busy = [n for n in stack.names
+                if json.loads(stack.root("show", n, "--json").stdout).get("status") == "provisioning"]
+        if busy:
+            time.sleep(1)
+    assert not busy, f"still provisioning after {timeout:g}s: {busy}"
+
+
 def _kexec(stack, *args) -> tuple[int, dict, dict]:
     from rhaas.lab.stack import run_rhaas
 
@@ -127,6 +142,7 @@ def test_a_new_image_comes_over_http_from_the_origin_and_a_repeat_from_the_disk_
     assert info["blob_url"] == "http://10.0.2.100:80" and info["blob_listen"] == f"127.0.0.1:{info['blob_port']}"
     node = lab_stack.node("lab-01")
     name, marker = _new_image(lab_stack, tmp_path, "origin")
+    _idle(lab_stack)
 
     before = node_state(node)
     rc, r, summary = _kexec(lab_stack, node.name, "--image", name)
@@ -151,6 +167,7 @@ def test_a_run_that_finds_the_labs_origin_port_busy_pushes_over_sftp(lab_stack, 
     info = json.loads((lab_stack.dir / "lab.json").read_text())
     node = lab_stack.node("lab-02")
     name, marker = _new_image(lab_stack, tmp_path, "busy")
+    _idle(lab_stack)
     before = node_state(node)
     with socket.create_server(("127.0.0.1", info["blob_port"]), reuse_port=False) as other_run:
         assert other_run.getsockname()[1] == info["blob_port"]
