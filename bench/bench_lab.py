@@ -6,21 +6,27 @@ Two QEMU VMs behind ipmi_sim BMCs with a modelled firmware (POST) delay
 (RHAAS_BENCH_FIRMWARE_DELAY seconds, default 30), owned by the lab's root rhaas. Measured
 side by side in one run, one thing at a time (the VMs share 2 cores):
 
-* ``lab.kexec_full_s``: ``rhaas kexec NODE --image second`` (upload, load, jump, verify);
+* ``lab.kexec_full_s``: ``rhaas kexec NODE --image IMAGE`` of an image the node does not hold
+  (``second`` first, then fresh images: its initrd plus a random file), i.e. fetch over HTTP
+  from the run's origin (the lab's fixed loopback port, which the VMs reach at
+  http://10.0.2.100:80), verify, load, jump, verify the boot; its transfer path and bytes, the
+  bytes the origin sent, and the median phases (where the time goes);
+* ``lab.kexec_cached_s``: ``rhaas kexec NODE --image second`` again: the image is on the
+  node's cache disk, so ``lab.kexec_cached_transfer_bytes`` is 0 (path ``cache``);
 * ``lab.kexec_load_s`` / ``lab.kexec_reprovision_s``: the pipelined form, ``--load-only``
   beforehand, then the timed ``--exec`` (jump, wait for the new boot id, check the nonce);
 * ``lab.bare_boot_s``: the same jump without rhaas: ``kexec -e`` over SSH, timed until the
   new kernel's SSH banner (polled every 50 ms), checked afterwards by boot id and nonce;
 * ``lab.powercycle_reprovision_s``: ``rhaas bootdev pxe`` + ``rhaas power cycle`` (IPMI to
   ipmi_sim), until SSH answers with a new boot id;
+* ``ratio.powercycle_vs_kexec_full`` (target >= 3): the power cycle against the full kexec;
 * ``ratio.powercycle_vs_kexec`` (target >= 5) and ``lab.rhaas_overhead_pct``: how much
   longer ``rhaas kexec --exec`` takes than the bare jump (target <= 15 %);
 * the ``_ct2`` variants: the same ``--exec`` with ``--connect-timeout 2``. QEMU's user
   networking accepts a TCP connection before the guest listens, so a poll that lands while
   the new kernel boots waits for the SSH banner up to the connect timeout (default 10 s).
 
-Each kexec figure is the median of RHAAS_BENCH_REPEAT runs (default 3; the full kexec runs
-once), the power cycle of RHAAS_BENCH_PXE_REPEAT (default 1). Timings on a shared 2-core
+Each kexec figure is the median of RHAAS_BENCH_REPEAT runs (default 3), the power cycle of RHAAS_BENCH_PXE_REPEAT (default 1). Timings on a shared 2-core
 host under TCG vary up to 2x from run to run. Skipped, with the reason printed, without
 QEMU/ipmi_sim.
 """
@@ -42,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 TARGETS = {  # name -> (comparison, value)
     "ratio.powercycle_vs_kexec": (">=", 5.0),
+    "ratio.powercycle_vs_kexec_full": (">=", 3.0),
+    "lab.kexec_cached_transfer_bytes": ("<=", 0.0),
     "lab.rhaas_overhead_pct": ("<=", 15.0),
 }
 STATE = "cat /proc/sys/kernel/random/boot_id /etc/rhaas-image /proc/cmdline"
@@ -74,6 +82,7 @@ def connect(node, tries: int = 5):
 
 
 def rhaas_kexec(home, *args) -> tuple[float, dict]:
+    """(wall, the node's result); the run's transfer line (origin bytes) is in ``res["run"]``."""
     from rhaas.lab.stack import run_rhaas
 
     t0 = time.monotonic()
@@ -84,7 +93,30 @@ def rhaas_kexec(home, *args) -> tuple[float, dict]:
     except (ValueError, IndexError):
         raise RuntimeError(f"rhaas kexec {' '.join(args)}: exit {proc.returncode}: "
                            f"{proc.stderr.strip()[-300:]}") from None
+    res["run"] = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith("{") and "rhaas_kexec_transfer" in line:
+            res["run"] = json.loads(line)["rhaas_kexec_transfer"]
     return wall, res
+
+
+def new_image(stack, d: Path, i: int) -> str:
+    """An image no node holds: ``second``'s kernel, its initrd plus a random file (1 MB)."""
+    from rhaas.lab.initrd import make_overlay
+
+    base = stack.images["second"]
+    name = f"fresh{i}-{secrets.token_hex(3)}"
+    initrd = d / f"{name}.initrd"
+    with open(base["initrd"], "rb") as src, open(initrd, "wb") as out:
+        out.write(src.read())
+        out.write(make_overlay({"etc/rhaas-bench-pad": os.urandom(1 << 20)}))
+    stack.root("image", "add", name, "--kernel", base["kernel"], "--initrd", initrd, "--append", base["append"])
+    return name
+
+
+def transfer(res: dict) -> str:
+    t = res.get("transfer") or {}
+    return f"{t.get('path', '-')} {int(t.get('bytes') or 0)}B"
 
 
 def bare_boot(node, kernel: str, initrd: str, append: str) -> float:
@@ -145,7 +177,7 @@ def pxe_cycle(stack, node, fd: float) -> float:
     return wall
 
 
-def bench(d: Path, fd: float, reps: int, pxe_reps: int, full_reps: int = 1) -> None:
+def bench(d: Path, fd: float, reps: int, pxe_reps: int, full_reps: int = 3) -> None:
     from rhaas.lab.stack import up
 
     t0 = time.monotonic()
@@ -155,7 +187,10 @@ def bench(d: Path, fd: float, reps: int, pxe_reps: int, full_reps: int = 1) -> N
     k, p = stack.node("lab-01"), stack.node("lab-02")
     home = stack.root_home
     img = stack.images["second"]
-    full, load, execs, fast, bare, pxe, up_phase = [], [], [], [], [], [], []
+    full, cached, load, execs, fast, bare, pxe, up_phase = [], [], [], [], [], [], [], []
+    full_phases: list[dict] = []
+    full_notes: list[str] = []
+    cached_bytes: list[int] = []
 
     def pipelined(*extra) -> float:
         wall, res = rhaas_kexec(home, k.name, "--image", "second", "--load-only")
@@ -172,12 +207,31 @@ def bench(d: Path, fd: float, reps: int, pxe_reps: int, full_reps: int = 1) -> N
             up_phase.append(sum(res["phases"].get(x, 0.0) for x in ("down", "up", "verify")))
         return wall
 
+    def verified(res: dict) -> None:
+        if res["outcome"] != "ok":
+            raise RuntimeError(f"kexec {k.name}: {res['outcome']}: {res.get('reason')}")
+        boot_id, _image, cmdline = node_state(k)
+        if boot_id != res["boot_id"] or f"rhaas.nonce={res['nonce']}" not in cmdline.split():
+            raise RuntimeError(f"{k.name}: runs something else than rhaas reported")
+
+    for i in range(full_reps):
+        image = "second" if i == 0 else new_image(stack, d, i)
+        wall, res = rhaas_kexec(home, k.name, "--image", image)
+        verified(res)
+        if (res.get("transfer") or {}).get("path") in (None, "cache"):
+            raise RuntimeError(f"kexec {k.name} --image {image}: expected a transfer, got {transfer(res)}")
+        full.append(wall)
+        full_phases.append(res.get("phases") or {})
+        full_notes.append(f"{image}: {transfer(res)}, origin sent {res['run'].get('origin_bytes', 0)}B")
+    for _ in range(reps):
+        wall, res = rhaas_kexec(home, k.name, "--image", "second")
+        verified(res)
+        cached.append(wall)
+        cached_bytes.append(int((res.get("transfer") or {}).get("bytes") or 0)
+                            + int(res["run"].get("origin_bytes") or 0))
+        if (res.get("transfer") or {}).get("path") != "cache":
+            full_notes.append(f"repeat of second: {transfer(res)} (expected cache)")
     for i in range(reps):
-        if i < full_reps:
-            wall, res = rhaas_kexec(home, k.name, "--image", "second")
-            if res["outcome"] != "ok":
-                raise RuntimeError(f"kexec {k.name}: {res['outcome']}: {res.get('reason')}")
-            full.append(wall)
         execs.append(pipelined())
         fast.append(pipelined("--connect-timeout", "2"))
         bare.append(bare_boot(k, img["kernel"], img["initrd"], img["append"]))
@@ -185,6 +239,10 @@ def bench(d: Path, fd: float, reps: int, pxe_reps: int, full_reps: int = 1) -> N
         pxe.append(pxe_cycle(stack, p, fd))
     med = statistics.median
     report("lab.kexec_full_s", med(full))
+    for ph in ("connect", "stage", "load", "down", "up", "verify"):
+        report(f"lab.kexec_full_phase_{ph}_s", med([p.get(ph, 0.0) for p in full_phases]))
+    report("lab.kexec_cached_s", med(cached))
+    report("lab.kexec_cached_transfer_bytes", max(cached_bytes))
     report("lab.kexec_load_s", med(load))
     report("lab.kexec_reprovision_s", med(execs))
     report("lab.kexec_exec_wait_phases_s", med(up_phase))
@@ -193,10 +251,12 @@ def bench(d: Path, fd: float, reps: int, pxe_reps: int, full_reps: int = 1) -> N
     report("lab.powercycle_reprovision_s", med(pxe))
     report("ratio.powercycle_vs_kexec", med(pxe) / med(execs))
     report("ratio.powercycle_vs_kexec_full", med(pxe) / med(full))
+    report("ratio.powercycle_vs_kexec_cached", med(pxe) / med(cached))
     report("ratio.powercycle_vs_kexec_ct2", med(pxe) / med(fast))
     report("lab.rhaas_overhead_pct", 100.0 * (med(execs) - med(bare)) / med(bare))
     report("lab.rhaas_overhead_ct2_pct", 100.0 * (med(fast) - med(bare)) / med(bare))
-    print(f"# runs: kexec full {_r(full)}, --exec {_r(execs)}, --exec --connect-timeout 2 {_r(fast)}, "
+    print(f"# full kexecs: {'; '.join(full_notes)}", flush=True)
+    print(f"# runs: kexec full {_r(full)}, cached {_r(cached)}, --exec {_r(execs)}, --exec --connect-timeout 2 {_r(fast)}, "
           f"bare {_r(bare)}, power cycle {_r(pxe)}", flush=True)
 
 

@@ -105,6 +105,11 @@ class LabStack:
         # the root kexecs a node into its standby image (with the tenant's keys) before it
         # answers a lease: give that the time a kexec may take
         run_rhaas(home, "config", "set", "upstream-timeout", f"{float(self.rh.get('timeout', 120.0)) + 60:g}")
+        blob = self.rh.get("blob")
+        if blob:  # should it kexec the VMs over SSH itself, they pull from it as from the root
+            from .rootinstance import set_blob
+
+            set_blob(home, blob["listen"], blob["url"])
         return home
 
     def add_image(self, home: str | os.PathLike, name: str = "second") -> None:
@@ -148,6 +153,12 @@ def describe(stack: LabStack) -> list[str]:
         f"  users           {ADMIN_USER} (admin; password in {rh['admin']['password_file']})",
         f"                  {TENANT_USER} (project {rh['project']}; password in {rh['tenant']['password_file']})",
         f"  images          standby (the standby image), second   append: {APPEND!r}",
+    ]
+    blob = rh.get("blob")
+    if blob:
+        lines.append(f"  image origin    a kexec run serves on {blob['listen']} (blob-listen); the VMs pull from "
+                     f"{blob['url']} (blob-url)")
+    lines += [
         f"  client key      {rh['client_key']}",
         f"  lab.json        {d / LAB_JSON}",
         "",
@@ -156,6 +167,8 @@ def describe(stack: LabStack) -> list[str]:
         (f"  RHAAS_UPSTREAM_PASSWORD=$(cat {rh['tenant']['password_file']}) {exe} init --upstream {rh['url']}"
         f" --project {rh['project']} --user {TENANT_USER}"),
         f"  {exe} config set ssh-key {rh['client_key']}",
+        *([f"  {exe} config set blob-listen {rh['blob']['listen']}   # if it kexecs the VMs over SSH itself",
+           f"  {exe} config set blob-url {rh['blob']['url']}"] if rh.get("blob") else []),
         (f"  {exe} config set upstream-timeout {float(rh.get('timeout', 120.0)) + 60:g}"
         "   # the root kexecs each node into its standby image before a lease answers"),
         f"  {exe} lease {len(stack.names)}",

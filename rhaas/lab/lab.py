@@ -2,7 +2,10 @@
 
 ``up()`` builds or reuses the guest images, generates the lab's SSH client
 key, starts the VMs (standby image, boot device ``pxe``) and their BMCs on
-free loopback ports, waits for SSH and writes ``lab.json``.  ``down()`` stops
+free loopback ports, waits for SSH and writes ``lab.json``. It also fixes one loopback port
+per lab, ``blob_port``: every VM's ``10.0.2.100:80`` (slirp ``guestfwd``, see
+:meth:`rhaas.lab.vm.VM.blob_forward`) reaches ``127.0.0.1:blob_port``, where a ``rhaas kexec``
+of the lab's nodes serves the run's image (``blob-listen``/``blob-url``, set by the stack).  ``down()`` stops
 exactly the processes recorded there (after checking each PID still belongs
 to this lab), and ``status()`` reports what is running.
 
@@ -25,6 +28,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,10 +37,30 @@ from pathlib import Path
 from . import guest as guestmod
 from .bmc import BMC, IPMI_USER, ipmi_connection, read_password_file, write_password_file
 from .guestssh import ssh_banner, ssh_connect, ssh_run
-from .vm import VM, LabError, VMConfig, free_port, kill_pid, mac_for, pid_matches, require_tool
+from .vm import (
+    GUEST_ORIGIN,
+    RELAY_SCRIPT,
+    VM,
+    LabError,
+    VMConfig,
+    free_port,
+    kill_pid,
+    mac_for,
+    pid_matches,
+    require_tool,
+)
 
 LAB_JSON = "lab.json"
+BLOB_URL = f"http://{GUEST_ORIGIN}:80"  # what the lab's rhaas tells its VMs (blob-url)
 Log = Callable[[str], None]
+
+
+def relay_command(port: int) -> str:
+    """The command QEMU runs per guest connection to the origin (no blanks inside its parts)."""
+    exe, script = sys.executable, str(RELAY_SCRIPT)
+    if any(c.isspace() or c == "," for c in exe + script):
+        raise LabError(f"the blob relay needs paths without blanks or commas: {exe} {script}")
+    return f"{exe} -I {script} {int(port)}"
 
 
 def check_host_tools() -> None:
@@ -191,6 +215,8 @@ class Lab:
         password = write_password_file(password_file)
 
         used: set[int] = set()
+        blob_port = free_port(avoid=used)
+        relay = relay_command(blob_port)
         nodes: list[LabNode] = []
         for i in range(1, n + 1):
             name = f"lab-{i:02d}"
@@ -203,7 +229,8 @@ class Lab:
                            initrds={k: str(v) for k, v in images.initrds.items()},
                            standby_image=guestmod.STANDBY, memory_mb=memory_mb,
                            firmware_delay_ms=round(firmware_delay * 1000),
-                           cmdline=guestmod.KERNEL_CMDLINE, serial_port=serial_port)
+                           cmdline=guestmod.KERNEL_CMDLINE, serial_port=serial_port,
+                           blob_port=blob_port, blob_relay=relay)
             vm = VM.create(cfg, boot_device="pxe")
             BMC.create(name, node_dir / "bmc", ipmi_port, password, node_dir, serial_port=serial_port)
             nodes.append(LabNode(
@@ -225,6 +252,9 @@ class Lab:
             "known_hosts": str(d / "known_hosts"),
             "ipmi_password_file": str(password_file),
             "images": images.to_json(),
+            "blob_port": blob_port,
+            "blob_listen": f"127.0.0.1:{blob_port}",
+            "blob_url": BLOB_URL,
             "nodes": [nd.to_json() for nd in nodes],
         }
         (d / "known_hosts").write_text("".join(

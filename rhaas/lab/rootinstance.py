@@ -51,8 +51,9 @@ def fresh_home(home: Path) -> None:
 
 
 def setup_root(d: Path, home: Path, nodes: list[dict], images: dict[str, dict], *,
-                timeout_setting: float, log: Log) -> dict:
-    """The root instance, through the CLI. ``nodes``: name, ssh, host_key, mac, ipmi (or None)."""
+                timeout_setting: float, log: Log, blob: tuple[str, str] | None = None) -> dict:
+    """The root instance, through the CLI. ``nodes``: name, ssh, host_key, mac, ipmi (or None);
+    ``blob``: (blob-listen, blob-url) where its kexec runs serve images to the nodes."""
     run_rhaas(home, "init")
     ipmi_env = {}
     for nd in nodes:
@@ -72,6 +73,8 @@ def setup_root(d: Path, home: Path, nodes: list[dict], images: dict[str, dict], 
                   "--append", img["append"])
     run_rhaas(home, "config", "set", "ssh-key", d / "id_ed25519")
     run_rhaas(home, "config", "set", "timeout", f"{timeout_setting:g}")
+    if blob:
+        set_blob(home, *blob)
     standby_now = standby_supported()
     if standby_now:
         run_rhaas(home, "config", "set", "standby-image", "standby")
@@ -93,6 +96,13 @@ def setup_root(d: Path, home: Path, nodes: list[dict], images: dict[str, dict], 
         "client_key": str(d / "id_ed25519"),
         "timeout": timeout_setting,
     }
+
+
+def set_blob(home: Path, listen: str, url: str) -> None:
+    """A kexec by this instance serves the run's image on ``listen`` (the lab's fixed loopback
+    port) and tells the nodes ``url`` (the VMs' forward to it)."""
+    run_rhaas(home, "config", "set", "blob-listen", listen)
+    run_rhaas(home, "config", "set", "blob-url", url)
 
 
 def start_root_serve(d: Path, rh: dict, log: Log) -> dict:

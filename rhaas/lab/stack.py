@@ -12,6 +12,9 @@ operator would:
   ``standby``, ``ssh-key`` pointed at the lab's client key;
 * project ``lab``, an admin user and a tenant user ``tenant`` in project ``lab``, with random
   passwords in 0600 files ``DIR/admin.password`` and ``DIR/tenant.password``;
+* ``blob-listen 127.0.0.1:PORT`` (the lab's fixed ``blob_port``) and ``blob-url
+  http://10.0.2.100:80`` (the VMs' forward to that port), so its kexec runs let the VMs pull
+  the image over HTTP; a second run at the same time finds the port busy and pushes over SFTP;
 * ``rhaas serve`` on a free loopback port, started in its own session so it outlives
   ``rhaas lab up``.
 
@@ -88,7 +91,9 @@ def up(dir: str | os.PathLike | None = None, nodes: int = 2, firmware_delay: flo
                   "ipmi": n.ipmi} for n in lab.nodes]
         timeout_setting = max(120.0, 2 * firmware_delay + 60.0)
         (d / ROOT_HOME).mkdir(parents=True, exist_ok=True)
-        rh = setup_root(d, d / ROOT_HOME, specs, images, timeout_setting=timeout_setting, log=log)
+        blob = (lab.info["blob_listen"], lab.info["blob_url"])
+        rh = setup_root(d, d / ROOT_HOME, specs, images, timeout_setting=timeout_setting, log=log, blob=blob)
+        rh["blob"] = {"listen": blob[0], "url": blob[1]}
         rh["simulated"] = False
         update_info(d, rhaas=rh)
         log(f"waiting for SSH on {nodes} VM(s) (firmware delay {firmware_delay:g} s)")

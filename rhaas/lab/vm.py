@@ -19,6 +19,11 @@ node last reported running (last ``RHAAS-READY image=...`` line on its
 console, i.e. whatever was last kexec'd counts as installed), otherwise the
 standby image.
 
+Networking is QEMU's user mode with ``restrict=on`` (no way out), plus two explicit forwards
+that restrict does not affect: the host's loopback ``ssh_port`` to the guest's sshd, and, with
+a ``blob_port``, the guest's ``10.0.2.100:80`` to the host's ``127.0.0.1:blob_port``, where a
+``rhaas kexec`` run serves its image (:meth:`VM.blob_forward`).
+
 QEMU boots the kernel directly (``-kernel/-initrd``); firmware time is
 modelled with SeaBIOS' boot menu wait (``-boot menu=on,splash-time=MS``), so
 power-on and reset pay it while kexec does not.
@@ -82,6 +87,9 @@ __all__ = [
 
 QEMU_BINARY = "qemu-system-x86_64"
 DEFAULT_CMDLINE = "console=ttyS0 quiet panic=5"
+#: where a lab VM reaches the host's run origin (slirp guestfwd; blob-url http://10.0.2.100:80)
+GUEST_ORIGIN = "10.0.2.100"
+RELAY_SCRIPT = Path(__file__).resolve().parent / "scripts" / "blobrelay.py"
 READY_RE = re.compile(rb"RHAAS-READY image=(\S+)")
 
 
@@ -104,6 +112,8 @@ class VMConfig:
     cmdline: str = DEFAULT_CMDLINE
     qemu: str = QEMU_BINARY
     serial_port: int = 0  # >0: the serial port is a loopback TCP server its BMC's SOL connects to
+    blob_port: int = 0  # >0: the guest's GUEST_ORIGIN:80 reaches 127.0.0.1:blob_port (a run's image origin)
+    blob_relay: str = ""  # the per-connection command for that forward (see blob_forward)
 
     @classmethod
     def load(cls, path: Path) -> VMConfig:
@@ -265,7 +275,7 @@ class VM:
             else f"file,id=ser0,path={d / 'console.log'},append=on",
             "-serial", "chardev:ser0",
             "-monitor", f"unix:{self.monitor},server=on,wait=off",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{c.ssh_port}-:22",
+            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{c.ssh_port}-:22{self.blob_forward()}",
             "-device", f"virtio-net-pci,netdev=n0,mac={c.mac}",
             "-device", "virtio-rng-pci",
             "-kernel", c.kernel,
@@ -282,6 +292,20 @@ class VM:
             argv[argv.index("-kernel"):argv.index("-kernel")] = [
                 "-boot", f"menu=on,splash-time={int(c.firmware_delay_ms)}"]
         return argv
+
+    def blob_forward(self) -> str:
+        """``,guestfwd=...`` so the guest's GUEST_ORIGIN:80 reaches loopback ``blob_port``, or "".
+
+        restrict=on keeps the guest from the host and the world, except for explicit forwarding
+        rules like this one. ``cmd:`` runs :data:`RELAY_SCRIPT` once per guest connection.
+        """
+        c = self.config
+        if int(c.blob_port) <= 0 or not c.blob_relay:
+            return ""
+        if any(ch in c.blob_relay for ch in ",\n'\"\\$`;|&<>"):
+            raise LabError(f"{c.name}: blob relay command must not contain commas or shell characters: "
+                           f"{c.blob_relay!r}")
+        return f",guestfwd=tcp:{GUEST_ORIGIN}:80-cmd:{c.blob_relay}"
 
     def start(self, image_id: str | None = None) -> int:
         """Power on: boot ``image_id`` (default: what the boot device selects)."""

@@ -34,7 +34,6 @@ def test_a_vm_gets_a_sparse_cache_disk_as_virtio_blk(tmp_path):
     assert none._ensure_cache_disk() is None and "virtio-blk" not in " ".join(none.qemu_argv("standby", "x"))
 
 
-@pytest.mark.lab
 def kexec(stack, *args):
     from rhaas.lab.stack import run_rhaas
 
@@ -43,6 +42,7 @@ def kexec(stack, *args):
     return proc.returncode, json.loads(proc.stdout), proc.stderr
 
 
+@pytest.mark.lab
 def test_cache_dir_is_the_disk_and_a_repeat_deploy_moves_nothing(lab_stack, timings):
     node = lab_stack.node("lab-01")
     rc, mounts, err = node.run("cat /proc/mounts")

@@ -225,7 +225,10 @@ def _origin(image: Image, opts: KexecOptions, jobs: list[Job]):
         return None, None
     files = {image.kernel.sha256: image.kernel.path, image.initrd.sha256: image.initrd.path}
     server = BlobServer(files, opts.blob_listen, opts.blob_url, workers=max(2, min(16, opts.blob_fanout * 2)))
-    server.bind()
+    try:
+        server.bind()
+    except RhaasError:  # a fixed blob-listen port held by another run: the nodes get SFTP
+        return None, None
     hosts = [j.endpoint.address.host for j in jobs]
     peers = opts.blob_peers != "off" and peers_possible(hosts)
     pull = Pull(
