@@ -101,10 +101,13 @@ class Commands:
     def fetch_and_load(
         cls, kernel_sha: str, base_sha: str, overlay_sha: str, initrd_sha: str, cmdline: str, fire: bool, tag: str,
         sources: list[str], deadline: float, cache: str | None = None, serve: Serve | None = None,
+        chain: Relay | None = None, chain_wait: float = 0.0,
     ) -> str:
         """Pull the missing blobs from ``sources`` (base URLs, tried in order; a blob is
         ``BASE/<sha256>``) and verify them, then build the initrd and ``kexec -l`` (and fire),
-        all in one command. With ``serve``, the node then serves its blobs to peers."""
+        all in one command. With ``serve``, the node then serves its blobs to peers. With
+        ``chain``, the node's relay is waited for first (up to ``chain_wait`` seconds; 0: not at
+        all), then stopped: what it verified is in the cache, so the fetch skips it."""
         q = shlex.quote
         cache = check_cache_dir(cache or cls.CACHE_DIR)
         for url in sources:
@@ -114,6 +117,9 @@ class Commands:
             cls.cache_path(sha, cache)  # checks the digest
         args = [cache, str(max(1, round(deadline))), kernel_sha, base_sha, "--", *sources]
         fetch = f"sh -c {q(FETCH_SCRIPT)} rhaas-fetch " + " ".join(q(a) for a in args)
+        if chain is not None:
+            wait = [chain.prefix, str(max(0, round(chain_wait))), str(max(1, min(10, round(deadline))))]
+            fetch = f"sh -c {q(CHAIN_WAIT_SCRIPT)} rhaas-chain-wait " + " ".join(q(a) for a in wait) + f" && {fetch}"
         cmd = (
             f"cat {cls.BOOT_ID} && {fetch} && "
             + cls._combine(kernel_sha, base_sha, overlay_sha, initrd_sha, cmdline, fire and serve is None, tag, cache)
@@ -122,6 +128,13 @@ class Commands:
             args = [cache, *serve.args(), kernel_sha, base_sha]
             cmd += f" && sh -c {q(SERVE_SCRIPT)} rhaas-serve " + " ".join(q(a) for a in args)
         return cmd
+
+    @classmethod
+    def arm_relay(cls, relay: Relay) -> str:
+        """Start the node's chain relay (detached) and answer once it listens: ``rhaas:armed``,
+        or ``rhaas:noarm WHY`` (then nothing of it is left)."""
+        q = shlex.quote
+        return f"sh -c {q(ARM_SCRIPT)} rhaas-relay-arm {q(RELAY_SCRIPT)} " + " ".join(q(a) for a in relay.args())
 
     @classmethod
     def stop_serving(cls, serve: Serve, fire: bool) -> str:
@@ -180,6 +193,29 @@ class Serve:
         return self.root, self.token, self.listen
 
 
+class Relay:
+    """A node's place in a run's chain (:mod:`rhaas.core.kexec.sources`): ``busybox nc``
+    listening on ``addr:port`` (the node's own address), its files under ``prefix`` in the
+    cache (``.chain-<run>.*``: the stream, a status, the relay's PID). ``secs`` bounds the relay's
+    life on the node even if rhaas goes away (it kills its own process group)."""
+
+    def __init__(self, cache: str, run_id: str, token: str, addr: str, port: int, secs: float):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", run_id) or not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", token):
+            raise ValueError("bad run id or token")
+        if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", addr) or not 0 < port < 65536:
+            raise ValueError(f"bad relay address {addr!r}:{port!r}")
+        cache = check_cache_dir(cache)
+        self.cache = cache
+        self.prefix = f"{cache}/.chain-{run_id}"
+        self.token = token
+        self.addr = addr
+        self.port = port
+        self.secs = max(1, round(secs))
+
+    def args(self) -> list[str]:
+        return [self.cache, self.prefix, self.token, self.addr, str(self.port), str(self.secs)]
+
+
 def check_cache_dir(path: str) -> str:
     """The node cache directory: absolute, plain characters, no ``..``, no trailing slash."""
     if not (_CACHE.fullmatch(path) and "/../" not in path + "/" and "/./" not in path + "/"):
@@ -189,8 +225,8 @@ def check_cache_dir(path: str) -> str:
 
 def parse_fetch(result: Result) -> dict:
     """What the fetch script said: ``client``, ``got`` [(sha, source index)], ``bad``
-    [(source index, why)], ``serving`` (bool)."""
-    out: dict = {"client": None, "got": [], "bad": [], "serving": False, "nosource": None}
+    [(source index, why)], ``serving`` (bool), ``chain`` (``ok`` or why the relay failed; None)."""
+    out: dict = {"client": None, "got": [], "bad": [], "serving": False, "nosource": None, "chain": None}
     for line in result.lines:
         word, _, rest = line.strip().partition(" ")
         if word == "rhaas:client":
@@ -207,6 +243,8 @@ def parse_fetch(result: Result) -> dict:
             out["serving"] = True
         elif word == "rhaas:nosource":
             out["nosource"] = rest.strip()
+        elif word == "rhaas:chain":
+            out["chain"] = rest.strip()[:200]
     return out
 
 
@@ -225,12 +263,22 @@ for f in "$c"/.peer-*.pid; do
   case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$r" && kill "$p";; esac
   rm -rf "$r" "$f"
 done
+# a chain relay a dead run left behind: its process group stopped, its files removed
+for f in "$c"/.chain-*.pid; do
+  [ -f "$f" ] || continue
+  p=$(cat "$f"); r=${f%.pid}
+  case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$r" && kill -TERM -"$p";; esac
+  rm -f "$r".*
+done
 shas=
 while [ $# -gt 0 ] && [ "$1" != -- ]; do shas="$shas $1"; shift; done
 [ $# -gt 0 ] && shift
 if command -v curl >/dev/null 2>&1; then get=curl
 elif command -v wget >/dev/null 2>&1; then get=wget
-else echo rhaas:client none; exit 3; fi
+else
+  for s in $shas; do [ -f "$c/$s" ] || { echo rhaas:client none; exit 3; }; done
+  get=cached  # nothing to fetch (a chain brought it): no client needed
+fi
 echo "rhaas:client $get"
 lim=; command -v timeout >/dev/null 2>&1 && lim="timeout $t"
 # no wget -T: Debian's busybox-static 1.35 wget crashes on it; timeout(1) bounds the fetch
@@ -278,6 +326,101 @@ STOP_SCRIPT = r"""
 p=$(cat "$1" 2>/dev/null)
 case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$2" && kill "$p";; esac
 rm -rf "$2" "$1"
+exit 0
+"""
+
+
+# The chain (pipelined broadcast, README "Images at scale"). Every node's relay is one
+# `busybox nc -l` on its own address (stdin a FIFO held open, so that nc never half-closes the
+# connection: busybox's nc quits when its peer does). The stream is four lines, then the bytes:
+#   TOKEN / the hops after this one (ADDR:PORT ...) / sha256 of the bytes / SHA:SIZE per blob
+# A relay checks the token (a stray connection is dropped), passes the lines on with itself
+# removed from the route, and `busybox tee`s the bytes into its stream file, a FIFO that
+# sha256sum reads as they come, and the next hop's `busybox nc`. When its upstream ends, it
+# closes its downstream at once (no wait for its own checks), then checks the sha256, splits
+# the blobs into the cache, and writes its status (ok, or why not) to PREFIX.st.
+# $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live.
+RELAY_SCRIPT = r"""
+trap '' PIPE
+c=$1; p=$2; tok=$3; port=$5; t=$6
+( sleep "$t"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
+say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
+busybox nc -l -p "$port" "$4" 0<>"$p.hold" | {
+  IFS= read -r got || { say "bad no stream"; exit 0; }
+  [ "$got" = "$tok" ] || { say "bad wrong token"; exit 0; }
+  IFS= read -r route; IFS= read -r sum; IFS= read -r blobs
+  set -- $route; next=${1:-}; [ $# -gt 0 ] && shift; rest="$*"
+  case "$next" in *[!0-9.:]*) next=;; esac
+  {
+    [ -n "$next" ] && printf '%s\n%s\n%s\n%s\n' "$tok" "$rest" "$sum" "$blobs"
+    sha256sum < "$p.fifo" > "$p.sum" &
+    busybox tee "$p.data" "$p.fifo"
+    exec >/dev/null
+    wait
+    s=$(cut -d' ' -f1 < "$p.sum")
+    if [ "$s" != "$sum" ]; then say "bad sha256 mismatch (a truncated or altered stream)"; exit 0; fi
+    off=0
+    for b in $blobs; do
+      sha=${b%%:*}; n=${b##*:}
+      case "$sha$n" in *[!0-9a-f]*) say "bad stream header"; exit 0;; esac
+      busybox tail -c +$((off+1)) "$p.data" | busybox head -c "$n" > "$c/.chain.$sha.$$" && mv -f "$c/.chain.$sha.$$" "$c/$sha" \
+        || { rm -f "$c/.chain.$sha.$$"; say "bad cannot write the cache"; exit 0; }
+      off=$((off+n))
+    done
+    rm -f "$p.data"
+    say ok
+  } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat >/dev/null; fi
+}
+kill -TERM 0
+"""
+
+# $1 the relay script, then the relay's arguments (Relay.args): start it detached, answer once
+# its address and port listen (/proc/net/tcp), within 2 s. Never fails the command.
+ARM_SCRIPT = r"""
+relay=$1; shift
+c=$1; p=$2; port=$5
+command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
+mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.fifo" "$p.hold" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
+setsid sh -c "$relay" rhaas-relay "$@" </dev/null >/dev/null 2>&1 &
+r=$!
+echo "$r" > "$p.pid"
+h=$(IFS=.; set -- $4; printf '%02X%02X%02X%02X' "$4" "$3" "$2" "$1")$(printf ':%04X 00000000:0000 0A' "$port")
+i=0
+while [ "$i" -lt 40 ]; do
+  grep -q "$h" /proc/net/tcp 2>/dev/null && { echo rhaas:armed; exit 0; }
+  kill -0 "$r" 2>/dev/null || break
+  sleep 0.05; i=$((i+1))
+done
+kill -TERM -"$r" 2>/dev/null
+rm -f "$p".*
+echo "rhaas:noarm the relay does not listen"
+exit 0
+"""
+
+# $1 prefix, $2 seconds to wait for the relay's status (0: none), $3 seconds without a byte
+# that count as a stalled chain. Then the relay's process group is stopped (only if its PID
+# still runs a command naming the prefix) and its files removed. Says rhaas:chain STATUS.
+CHAIN_WAIT_SCRIPT = r"""
+p=$1; t=$(( $2 * 20 )); stall=$(( $3 * 20 )); i=0; last=-1; same=0
+pid=$(cat "$p.pid" 2>/dev/null)
+case "$pid" in ''|*[!0-9]*) pid=;; esac
+alive() { [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$p"; }
+while [ ! -f "$p.st" ] && [ "$i" -lt "$t" ]; do
+  alive || break
+  if [ $((i % 10)) -eq 0 ]; then
+    n=$(wc -c < "$p.data" 2>/dev/null || echo 0)
+    if [ "$n" = "$last" ]; then same=$((same+10)); else same=0; last=$n; fi
+    [ "$same" -ge "$stall" ] && break
+  fi
+  sleep 0.05; i=$((i+1))
+done
+# verified here: let the relay finish passing the stream on (it ends its group when done)
+i=0
+while [ -f "$p.st" ] && [ "$i" -lt "$stall" ] && alive; do sleep 0.05; i=$((i+1)); done
+if [ -f "$p.st" ]; then r=$(cat "$p.st"); elif [ "$t" -eq 0 ]; then r="bad not in a chain"; else r="bad no complete stream"; fi
+alive && kill -TERM -"$pid" 2>/dev/null
+rm -f "$p".*
+echo "rhaas:chain $r"
 exit 0
 """
 
