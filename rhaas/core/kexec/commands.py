@@ -345,7 +345,9 @@ trap '' PIPE
 c=$1; p=$2; tok=$3; port=$5; t=$6
 ( sleep "$t"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
 say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
-busybox nc -l -p "$port" "$4" 0<>"$p.hold" | {
+busybox nc -l -p "$port" "$4" 0<>"$p.hold" >"$p.in" &
+echo $! > "$p.nc"
+{
   IFS= read -r got || { say "bad no stream"; exit 0; }
   [ "$got" = "$tok" ] || { say "bad wrong token"; exit 0; }
   IFS= read -r route; IFS= read -r sum; IFS= read -r blobs
@@ -370,7 +372,7 @@ busybox nc -l -p "$port" "$4" 0<>"$p.hold" | {
     rm -f "$p.data"
     say ok
   } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat >/dev/null; fi
-}
+} < "$p.in"
 kill -TERM 0
 """
 
@@ -380,14 +382,21 @@ ARM_SCRIPT = r"""
 relay=$1; shift
 c=$1; p=$2; port=$5
 command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
-mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.fifo" "$p.hold" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
+mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.fifo" "$p.hold" "$p.in" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
 setsid sh -c "$relay" rhaas-relay "$@" </dev/null >/dev/null 2>&1 &
 r=$!
 echo "$r" > "$p.pid"
 h=$(IFS=.; set -- $4; printf '%02X%02X%02X%02X' "$4" "$3" "$2" "$1")$(printf ':%04X 00000000:0000 0A' "$port")
 i=0
 while [ "$i" -lt 40 ]; do
-  grep -q "$h" /proc/net/tcp 2>/dev/null && { echo rhaas:armed; exit 0; }
+  # listening, and by our nc (not by whatever else holds that address and port)
+  ino=$(grep "$h" /proc/net/tcp 2>/dev/null | { read -r _ _ _ _ _ _ _ _ _ n _; echo "$n"; })
+  n=$(cat "$p.nc" 2>/dev/null)
+  if [ -n "$ino" ] && [ -n "$n" ]; then
+    for f in /proc/"$n"/fd/*; do
+      [ "$(busybox readlink "$f" 2>/dev/null)" = "socket:[$ino]" ] && { echo rhaas:armed; exit 0; }
+    done
+  fi
   kill -0 "$r" 2>/dev/null || break
   sleep 0.05; i=$((i+1))
 done
