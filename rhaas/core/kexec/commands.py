@@ -245,6 +245,11 @@ def parse_fetch(result: Result) -> dict:
             out["nosource"] = rest.strip()
         elif word == "rhaas:chain":
             out["chain"] = rest.strip()[:200]
+        elif word == "rhaas:chaintimes":  # node uptimes: stream began, ended, verified; seen; relay done
+            try:
+                out["chain_times"] = [float(x) for x in rest.split()][:5]
+            except ValueError:
+                pass
     return out
 
 
@@ -351,6 +356,7 @@ echo $! > "$p.nc"
   IFS= read -r got || { say "bad no stream"; exit 0; }
   [ "$got" = "$tok" ] || { say "bad wrong token"; exit 0; }
   IFS= read -r route; IFS= read -r sum; IFS= read -r blobs
+  cut -d' ' -f1 /proc/uptime > "$p.t" 2>/dev/null
   set -- $route; next=${1:-}; [ $# -gt 0 ] && shift; rest="$*"
   case "$next" in *[!0-9.:]*) next=;; esac
   {
@@ -358,6 +364,7 @@ echo $! > "$p.nc"
     sha256sum < "$p.fifo" > "$p.sum" &
     busybox tee "$p.data" "$p.fifo"
     exec >/dev/null
+    cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     wait
     s=$(cut -d' ' -f1 < "$p.sum")
     if [ "$s" != "$sum" ]; then say "bad sha256 mismatch (a truncated or altered stream)"; exit 0; fi
@@ -370,6 +377,7 @@ echo $! > "$p.nc"
       off=$((off+n))
     done
     rm -f "$p.data"
+    cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     say ok
   } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat >/dev/null; fi
 } < "$p.in"
@@ -424,8 +432,11 @@ while [ ! -f "$p.st" ] && [ "$i" -lt "$t" ]; do
   sleep 0.05; i=$((i+1))
 done
 # verified here: let the relay finish passing the stream on (it ends its group when done)
+seen=$(cut -d' ' -f1 /proc/uptime 2>/dev/null)
 i=0
 while [ -f "$p.st" ] && [ "$i" -lt "$stall" ] && alive; do sleep 0.05; i=$((i+1)); done
+echo "rhaas:chaintimes $(cat "$p.t" 2>/dev/null) $seen $(cut -d' ' -f1 /proc/uptime 2>/dev/null)" | tr '\n' ' '
+echo
 if [ -f "$p.st" ]; then r=$(cat "$p.st"); elif [ "$t" -eq 0 ]; then r="bad not in a chain"; else r="bad no complete stream"; fi
 alive && kill -TERM -"$pid" 2>/dev/null
 rm -f "$p".*

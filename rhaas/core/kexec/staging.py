@@ -173,6 +173,8 @@ class Staging:
             self.fetched += img.kernel.size + img.initrd.size
             self.transfer = {"path": "chain", "bytes": self.fetched, "source": "chain",
                              "wait_s": round(self.wait_s, 3), "fetch_s": round(self.fetch_s, 3)}
+            if said.get("chain_times"):
+                self.transfer["chain_uptimes"] = said["chain_times"]
             return self._after_fetch(r, said, serve, fire)
         if said["client"] in (None, "none") and not said["got"]:
             pull.sources.release(src, ok=True)
