@@ -63,7 +63,7 @@ def test_the_chain_brings_the_image_to_every_node_once_from_the_origin(sim_farm,
     assert r.exit_code == 0, r.output
     size = sum(p.stat().st_size for p in image)
     assert {out[n]["outcome"] for n in names} == {"ok"}
-    assert {out[n]["transfer"]["path"] for n in names} == {"chain"}, out
+    assert {out[n]["transfer"]["path"] for n in names} == {"chain"}, {n: out[n]["transfer"] for n in names}
     assert all(out[n]["transfer"]["bytes"] == size for n in names)
     assert summary["origin_bytes"] == size  # one chain: the origin sent the image once
     verified_everywhere(sim_farm, names, image)
@@ -81,7 +81,7 @@ def test_a_node_dying_mid_chain_cuts_its_downstream_which_still_verifies(sim_far
     names = sim_farm.names[6:11]
     farm_home(rhaas_home, names)
     sim_farm.set_faults({names[1]: ["relay_dies"]})
-    r, out, summary = kexec(names, image)
+    r, out, _ = kexec(names, image)
     assert r.exit_code == 0, r.output
     assert {out[n]["outcome"] for n in names} == {"ok"}
     paths = {n: out[n]["transfer"]["path"] for n in names}
@@ -147,3 +147,66 @@ def test_bad_blob_chain_setting_is_a_usage_error(sim_farm, farm_home, rhaas_home
     assert r.exit_code == 2 and out == {}
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
     assert sim_farm.state(names[0])["boot_id"] == before
+
+
+@pytest.mark.parametrize("case", ["good", "stray", "unwanted", "wrong_bytes", "truncated"])
+def test_a_relay_keeps_only_wanted_blobs_whose_bytes_match_their_name(tmp_path, case):
+    """The relay script itself, in a real shell with busybox nc on loopback: whatever connects,
+    only a blob the node was told over SSH to want, with the bytes its name says, gets a cache
+    name; then nothing of the relay is left running or listening."""
+    import socket
+    import subprocess
+    import time
+
+    from rhaas.core.kexec.commands import CHAIN_WAIT_SCRIPT, Commands, Relay
+
+    cache = tmp_path / "cache"
+    good, other = os.urandom(50_000), os.urandom(30_000)
+    sha_good, sha_other = (hashlib.sha256(b).hexdigest() for b in (good, other))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    relay = Relay(str(cache), "testrun01", "T" * 24, "127.0.0.1", port, 30, [sha_good])
+    armed = subprocess.run(["sh", "-c", Commands.arm_relay(relay)], capture_output=True, text=True, timeout=20, check=False)
+    assert "rhaas:armed" in armed.stdout, armed
+    token, name, body = "T" * 24, sha_good, good
+    if case == "stray":
+        token = "not-the-token-of-this-run"
+    elif case == "unwanted":
+        name, body = sha_other, other
+    elif case == "wrong_bytes":
+        body = other + good[: len(good) - len(other)]
+    elif case == "truncated":
+        body = good[: len(good) // 2]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{token}\n\n{name}:{len(good)}\n".encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        while sock.recv(4096):
+            pass
+    said = subprocess.run(["sh", "-c", CHAIN_WAIT_SCRIPT, "rhaas-chain-wait", relay.prefix, "10", "5"],
+                          capture_output=True, text=True, timeout=30, check=False).stdout
+    status = [ln for ln in said.splitlines() if ln.startswith("rhaas:chain ")]
+    expect = {"good": "ok", "stray": "bad wrong token", "unwanted": "bad a blob this node does not want",
+              "wrong_bytes": "bad sha256 mismatch", "truncated": "bad sha256 mismatch"}[case]
+    assert status and status[0].startswith(f"rhaas:chain {expect}"), said
+    held = sorted(p.name for p in cache.iterdir())
+    assert held == ([sha_good] if case == "good" else []), held
+    if case == "good":
+        assert (cache / sha_good).read_bytes() == good
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_running(relay.prefix) or ("127.0.0.1", port) in listeners()):
+        time.sleep(0.05)
+    assert not _running(relay.prefix)
+    assert ("127.0.0.1", port) not in listeners()
+
+
+def _running(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found

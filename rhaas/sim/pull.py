@@ -186,13 +186,13 @@ async def _relay_dies(node: SimNode, mapped: list[str]) -> None:
 async def _relay_half(reader, writer) -> None:
     down = None
     try:
-        lines = [await asyncio.wait_for(reader.readline(), 10) for _ in range(4)]
+        lines = [await asyncio.wait_for(reader.readline(), 10) for _ in range(3)]
         hops = lines[1].split()
-        size = sum(int(b.rsplit(b":", 1)[1]) for b in lines[3].split())
+        size = sum(int(b.rsplit(b":", 1)[1]) for b in lines[2].split())
         if hops:
             host, _, port = hops[0].decode().rpartition(":")
             _, down = await asyncio.open_connection(host, int(port))
-            down.write(lines[0] + b" ".join(hops[1:]) + b"\n" + lines[2] + lines[3])
+            down.write(lines[0] + b" ".join(hops[1:]) + b"\n" + lines[2])
         left = size // 2
         while left > 0:
             chunk = await asyncio.wait_for(reader.read(min(left, 65536)), 10)

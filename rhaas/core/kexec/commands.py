@@ -197,9 +197,10 @@ class Relay:
     """A node's place in a run's chain (:mod:`rhaas.core.kexec.sources`): ``busybox nc``
     listening on ``addr:port`` (the node's own address), its files under ``prefix`` in the
     cache (``.chain-<run>.*``: the stream, a status, the relay's PID). ``secs`` bounds the relay's
-    life on the node even if rhaas goes away (it kills its own process group)."""
+    life on the node even if rhaas goes away (it kills its own process group). ``shas``: the only
+    blobs it keeps (each checked against its name before it gets it)."""
 
-    def __init__(self, cache: str, run_id: str, token: str, addr: str, port: int, secs: float):
+    def __init__(self, cache: str, run_id: str, token: str, addr: str, port: int, secs: float, shas: list[str]):
         if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", run_id) or not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", token):
             raise ValueError("bad run id or token")
         if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", addr) or not 0 < port < 65536:
@@ -211,9 +212,12 @@ class Relay:
         self.addr = addr
         self.port = port
         self.secs = max(1, round(secs))
+        for sha in shas:
+            Commands.cache_path(sha, cache)  # checks the digest
+        self.shas = list(shas)
 
     def args(self) -> list[str]:
-        return [self.cache, self.prefix, self.token, self.addr, str(self.port), str(self.secs)]
+        return [self.cache, self.prefix, self.token, self.addr, str(self.port), str(self.secs), *self.shas]
 
 
 def check_cache_dir(path: str) -> str:
@@ -337,50 +341,53 @@ exit 0
 
 # The chain (pipelined broadcast, README "Images at scale"). Every node's relay is one
 # `busybox nc -l` on its own address (stdin a FIFO held open, so that nc never half-closes the
-# connection: busybox's nc quits when its peer does). The stream is four lines, then the bytes:
-#   TOKEN / the hops after this one (ADDR:PORT ...) / sha256 of the bytes / SHA:SIZE per blob
-# A relay checks the token (a stray connection is dropped), passes the lines on with itself
-# removed from the route, and `busybox tee`s the bytes into its stream file, a FIFO that
-# sha256sum reads as they come, and the next hop's `busybox nc`. When its upstream ends, it
-# closes its downstream at once (no wait for its own checks), then checks the sha256, splits
-# the blobs into the cache, and writes its status (ok, or why not) to PREFIX.st.
-# $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live.
+# connection: busybox's nc quits when its peer does). The stream is three lines, then the bytes:
+#   TOKEN / the hops after this one (ADDR:PORT ...) / SHA:SIZE per blob, in order
+# A relay checks the token (a stray connection ends the relay: that node pulls over HTTP), passes the lines on with itself
+# removed from the route, and `busybox tee`s the bytes into its stream file and the next hop's
+# `busybox nc`. When its upstream ends, it closes its downstream at once (no wait for its own
+# checks), then cuts the blobs out of the stream, keeps only those it was told over SSH to
+# want and whose sha256 is their name, and writes its status (ok, or why not) to PREFIX.st.
+# $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live, then the
+# digests of the blobs the node wants.
 RELAY_SCRIPT = r"""
 trap '' PIPE
-c=$1; p=$2; tok=$3; port=$5; t=$6
+c=$1; p=$2; tok=$3; addr=$4; port=$5; t=$6; shift 6; want=" $* "
 ( sleep "$t"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
 say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
-busybox nc -l -p "$port" "$4" 0<>"$p.hold" >"$p.in" &
+busybox nc -l -p "$port" "$addr" 0<>"$p.hold" >"$p.in" &
 echo $! > "$p.nc"
-{
+(
   IFS= read -r got || { say "bad no stream"; exit 0; }
   [ "$got" = "$tok" ] || { say "bad wrong token"; exit 0; }
-  IFS= read -r route; IFS= read -r sum; IFS= read -r blobs
+  IFS= read -r route; IFS= read -r blobs
   cut -d' ' -f1 /proc/uptime > "$p.t" 2>/dev/null
   set -- $route; next=${1:-}; [ $# -gt 0 ] && shift; rest="$*"
   case "$next" in *[!0-9.:]*) next=;; esac
   {
-    [ -n "$next" ] && printf '%s\n%s\n%s\n%s\n' "$tok" "$rest" "$sum" "$blobs"
-    sha256sum < "$p.fifo" > "$p.sum" &
-    busybox tee "$p.data" "$p.fifo"
+    [ -n "$next" ] && printf '%s\n%s\n%s\n' "$tok" "$rest" "$blobs"
+    busybox tee "$p.data"
     exec >/dev/null
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
-    wait
-    s=$(cut -d' ' -f1 < "$p.sum")
-    if [ "$s" != "$sum" ]; then say "bad sha256 mismatch (a truncated or altered stream)"; exit 0; fi
     off=0
     for b in $blobs; do
       sha=${b%%:*}; n=${b##*:}
-      case "$sha$n" in *[!0-9a-f]*) say "bad stream header"; exit 0;; esac
-      busybox tail -c +$((off+1)) "$p.data" | busybox head -c "$n" > "$c/.chain.$sha.$$" && mv -f "$c/.chain.$sha.$$" "$c/$sha" \
-        || { rm -f "$c/.chain.$sha.$$"; say "bad cannot write the cache"; exit 0; }
+      case "$sha:$n" in *[!0-9a-f:]*|:*|*:) say "bad stream header"; exit 0;; esac
+      case "$want" in *" $sha "*) ;; *) say "bad a blob this node does not want"; exit 0;; esac
+      f="$c/.chain.$sha.$$"
+      busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
+        || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
+      if ! printf '%s  %s\n' "$sha" "$f" | sha256sum -c >/dev/null 2>&1; then
+        rm -f "$f"; say "bad sha256 mismatch (a truncated or altered stream: $(wc -c < "$p.data") bytes)"; exit 0
+      fi
+      mv -f "$f" "$c/$sha" || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
       off=$((off+n))
     done
     rm -f "$p.data"
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     say ok
   } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat >/dev/null; fi
-} < "$p.in"
+) < "$p.in"
 kill -TERM 0
 """
 
@@ -390,7 +397,7 @@ ARM_SCRIPT = r"""
 relay=$1; shift
 c=$1; p=$2; port=$5
 command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
-mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.fifo" "$p.hold" "$p.in" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
+mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.hold" "$p.in" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
 setsid sh -c "$relay" rhaas-relay "$@" </dev/null >/dev/null 2>&1 &
 r=$!
 echo "$r" > "$p.pid"

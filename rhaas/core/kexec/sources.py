@@ -136,14 +136,14 @@ class Pull:
         return Serve(self.cache_dir, self.run_id, self.peer_token, f"{self.hosts[index]}:{self.peer_port}")
 
 
-    def relay_for(self, index: int):
+    def relay_for(self, index: int, shas: list[str]):
         """The node's :class:`~rhaas.core.kexec.commands.Relay` when the run chains, else None."""
         from rhaas.core.kexec.commands import Relay
 
         if self.chain is None:
             return None
         return Relay(self.cache_dir, self.run_id, self.chain.token, self.hosts[index], self.chain.port(index),
-                     2 * self.fetch_timeout + 30)
+                     2 * self.fetch_timeout + 30, shas)
 
 
 def chain_count(mode: str, peers: bool, nodes: int, image_bytes: int) -> int:
@@ -287,31 +287,16 @@ class ChainFeeder:
             self._thread.join()
             self._thread = None
 
-    def _sum(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for sha in self.shas:
-            with open(self.server.blobs[sha].path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
-
     def _header(self, route: list[int]) -> bytes:
         hops = " ".join(f"{self.chain.hosts[i]}:{self.chain.port(i)}" for i in route[1:])
         blobs = " ".join(f"{sha}:{self.server.blobs[sha].size}" for sha in self.shas)
-        return f"{self.chain.token}\n{hops}\n{self.total_sha}\n{blobs}\n".encode()
+        return f"{self.chain.token}\n{hops}\n{blobs}\n".encode()
 
     def _run(self) -> None:
         import threading
         import time
 
         end = time.monotonic() + self.deadline
-        try:
-            self.total_sha = self._sum()  # while the relays arm
-        except OSError:
-            self.chain.close_now()
-            return
         chains = None
         while chains is None and not self._stop.is_set():
             now = time.monotonic()

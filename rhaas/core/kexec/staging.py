@@ -47,7 +47,7 @@ class Staging:
     def _arm(self) -> float | None:
         """Start this node's chain relay; then wait (holding no thread) for the chain to start."""
         pull, i = self.ctx.pull, self.job.index
-        relay = pull.relay_for(i)
+        relay = pull.relay_for(i, [self.ctx.image.kernel.sha256, self.ctx.image.initrd.sha256])
         try:
             r = self.sess.run(Commands.arm_relay(relay), timeout=self.opts.command_timeout)
         except BaseException:
