@@ -425,27 +425,28 @@ exit 0
 # that count as a stalled chain. Then the relay's process group is stopped (only if its PID
 # still runs a command naming the prefix) and its files removed. Says rhaas:chain STATUS.
 CHAIN_WAIT_SCRIPT = r"""
-p=$1; t=$(( $2 * 20 )); stall=$(( $3 * 20 )); i=0; last=-1; same=0
+p=$1; t=$(( $2 * 10 )); stall=$(( $3 * 10 )); i=0; last=-1; same=0
 pid=$(cat "$p.pid" 2>/dev/null)
 case "$pid" in ''|*[!0-9]*) pid=;; esac
-alive() { [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$p"; }
+# shell built-ins only in the loops (every fork counts when a node relays and verifies)
+running() { [ -n "$pid" ] && { x=; IFS= read -r x < "/proc/$pid/cmdline"; [ -n "$x" ]; } 2>/dev/null; }
 while [ ! -f "$p.st" ] && [ "$i" -lt "$t" ]; do
-  alive || break
-  if [ $((i % 10)) -eq 0 ]; then
+  running || break
+  if [ $((i % 5)) -eq 0 ]; then
     n=$(wc -c < "$p.data" 2>/dev/null || echo 0)
-    if [ "$n" = "$last" ]; then same=$((same+10)); else same=0; last=$n; fi
+    if [ "$n" = "$last" ]; then same=$((same+5)); else same=0; last=$n; fi
     [ "$same" -ge "$stall" ] && break
   fi
-  sleep 0.05; i=$((i+1))
+  sleep 0.1; i=$((i+1))
 done
 # verified here: let the relay finish passing the stream on (it ends its group when done)
 seen=$(cut -d' ' -f1 /proc/uptime 2>/dev/null)
 i=0
-while [ -f "$p.st" ] && [ "$i" -lt "$stall" ] && alive; do sleep 0.05; i=$((i+1)); done
+while [ -f "$p.st" ] && [ "$i" -lt "$stall" ] && running; do sleep 0.1; i=$((i+1)); done
 echo "rhaas:chaintimes $(cat "$p.t" 2>/dev/null) $seen $(cut -d' ' -f1 /proc/uptime 2>/dev/null)" | tr '\n' ' '
 echo
 if [ -f "$p.st" ]; then r=$(cat "$p.st"); elif [ "$t" -eq 0 ]; then r="bad not in a chain"; else r="bad no complete stream"; fi
-alive && kill -TERM -"$pid" 2>/dev/null
+[ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$p" && kill -TERM -"$pid" 2>/dev/null
 rm -f "$p".*
 echo "rhaas:chain $r"
 exit 0
