@@ -158,7 +158,8 @@ def test_a_relay_keeps_only_wanted_blobs_whose_bytes_match_their_name(tmp_path, 
     import subprocess
     import time
 
-    from rhaas.core.kexec.commands import CHAIN_WAIT_SCRIPT, Commands, Relay
+    from rhaas.core.kexec.commands import Commands
+    from rhaas.core.kexec.relay import CHAIN_WAIT_SCRIPT, Relay
 
     cache = tmp_path / "cache"
     good, other = os.urandom(50_000), os.urandom(30_000)

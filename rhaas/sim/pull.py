@@ -18,7 +18,7 @@ the host's ``/bin/sh`` with:
 Faults for peers (``DIR/faults.json``): ``peer_bad_bytes`` (the node serves other bytes
 under its blobs' names, its own cache intact) and ``peer_dies`` (its httpd is replaced by a
 listener that sends the headers and half of the body, then drops the connection), and for
-the chain (``busybox nc`` relays, :data:`~rhaas.core.kexec.commands.RELAY_SCRIPT`)
+the chain (``busybox nc`` relays, :data:`~rhaas.core.kexec.relay.RELAY_SCRIPT`)
 ``relay_dies`` (its relay passes half of the stream on, then drops it: a node dying mid-chain).
 """
 

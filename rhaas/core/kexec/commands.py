@@ -13,7 +13,8 @@ pasted into the script: it picks the node's HTTP client (``curl``, else ``wget``
 each missing blob tries the given sources in order, each under a whole-fetch deadline,
 into a temporary file in the cache, checks its sha256, and only then renames it into the
 cache. A source that fails or sends other bytes is reported (``rhaas:bad I why``) and the
-next one is tried; nothing unverified ever gets a cache name.
+next one is tried; nothing unverified ever gets a cache name. The chain's relay scripts live in
+:mod:`rhaas.core.kexec.relay`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rhaas.adapters.ssh import Result
+    from rhaas.core.kexec.relay import Relay
 
 
 class Commands:
@@ -118,6 +120,8 @@ class Commands:
         args = [cache, str(max(1, round(deadline))), kernel_sha, base_sha, "--", *sources]
         fetch = f"sh -c {q(FETCH_SCRIPT)} rhaas-fetch " + " ".join(q(a) for a in args)
         if chain is not None:
+            from rhaas.core.kexec.relay import CHAIN_WAIT_SCRIPT
+
             wait = [chain.prefix, str(max(0, round(chain_wait))), str(max(1, min(10, round(deadline))))]
             fetch = f"sh -c {q(CHAIN_WAIT_SCRIPT)} rhaas-chain-wait " + " ".join(q(a) for a in wait) + f" && {fetch}"
         cmd = (
@@ -133,6 +137,8 @@ class Commands:
     def arm_relay(cls, relay: Relay) -> str:
         """Start the node's chain relay (detached) and answer once it listens: ``rhaas:armed``,
         or ``rhaas:noarm WHY`` (then nothing of it is left)."""
+        from rhaas.core.kexec.relay import ARM_SCRIPT, RELAY_SCRIPT
+
         q = shlex.quote
         return f"sh -c {q(ARM_SCRIPT)} rhaas-relay-arm {q(RELAY_SCRIPT)} " + " ".join(q(a) for a in relay.args())
 
@@ -191,33 +197,6 @@ class Serve:
     def args(self) -> tuple[str, str, str]:
         """Document root, token, ADDR:PORT."""
         return self.root, self.token, self.listen
-
-
-class Relay:
-    """A node's place in a run's chain (:mod:`rhaas.core.kexec.sources`): ``busybox nc``
-    listening on ``addr:port`` (the node's own address), its files under ``prefix`` in the
-    cache (``.chain-<run>.*``: the stream, a status, the relay's PID). ``secs`` bounds the relay's
-    life on the node even if rhaas goes away (it kills its own process group). ``shas``: the only
-    blobs it keeps (each checked against its name before it gets it)."""
-
-    def __init__(self, cache: str, run_id: str, token: str, addr: str, port: int, secs: float, shas: list[str]):
-        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", run_id) or not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", token):
-            raise ValueError("bad run id or token")
-        if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", addr) or not 0 < port < 65536:
-            raise ValueError(f"bad relay address {addr!r}:{port!r}")
-        cache = check_cache_dir(cache)
-        self.cache = cache
-        self.prefix = f"{cache}/.chain-{run_id}"
-        self.token = token
-        self.addr = addr
-        self.port = port
-        self.secs = max(1, round(secs))
-        for sha in shas:
-            Commands.cache_path(sha, cache)  # checks the digest
-        self.shas = list(shas)
-
-    def args(self) -> list[str]:
-        return [self.cache, self.prefix, self.token, self.addr, str(self.port), str(self.secs), *self.shas]
 
 
 def check_cache_dir(path: str) -> str:
@@ -335,120 +314,6 @@ STOP_SCRIPT = r"""
 p=$(cat "$1" 2>/dev/null)
 case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$2" && kill "$p";; esac
 rm -rf "$2" "$1"
-exit 0
-"""
-
-
-# The chain (pipelined broadcast, README "Images at scale"). Every node's relay is one
-# `busybox nc -l` on its own address (stdin a FIFO held open, so that nc never half-closes the
-# connection: busybox's nc quits when its peer does). The stream is three lines, then the bytes:
-#   TOKEN / the hops after this one (ADDR:PORT ...) / SHA:SIZE per blob, in order
-# A relay checks the token (a stray connection ends the relay: that node pulls over HTTP), passes the lines on with itself
-# removed from the route, and `busybox tee`s the bytes into its stream file and the next hop's
-# `busybox nc`. When its upstream ends, it closes its downstream at once (no wait for its own
-# checks), then cuts the blobs out of the stream, keeps only those it was told over SSH to
-# want and whose sha256 is their name, and writes its status (ok, or why not) to PREFIX.st.
-# $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live, then the
-# digests of the blobs the node wants.
-RELAY_SCRIPT = r"""
-trap '' PIPE
-c=$1; p=$2; tok=$3; addr=$4; port=$5; t=$6; shift 6; want=" $* "
-( sleep "$t"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
-say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
-busybox nc -l -p "$port" "$addr" 0<>"$p.hold" >"$p.in" &
-echo $! > "$p.nc"
-(
-  IFS= read -r got || { say "bad no stream"; exit 0; }
-  [ "$got" = "$tok" ] || { say "bad wrong token"; exit 0; }
-  IFS= read -r route; IFS= read -r blobs
-  cut -d' ' -f1 /proc/uptime > "$p.t" 2>/dev/null
-  set -- $route; next=${1:-}; [ $# -gt 0 ] && shift; rest="$*"
-  case "$next" in *[!0-9.:]*) next=;; esac
-  {
-    [ -n "$next" ] && printf '%s\n%s\n%s\n' "$tok" "$rest" "$blobs"
-    busybox tee "$p.data"
-    exec >/dev/null
-    cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
-    off=0
-    for b in $blobs; do
-      sha=${b%%:*}; n=${b##*:}
-      case "$sha:$n" in *[!0-9a-f:]*|:*|*:) say "bad stream header"; exit 0;; esac
-      case "$want" in *" $sha "*) ;; *) say "bad a blob this node does not want"; exit 0;; esac
-      f="$c/.chain.$sha.$$"
-      busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
-        || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
-      if ! printf '%s  %s\n' "$sha" "$f" | sha256sum -c >/dev/null 2>&1; then
-        rm -f "$f"; say "bad sha256 mismatch (a truncated or altered stream: $(wc -c < "$p.data") bytes)"; exit 0
-      fi
-      mv -f "$f" "$c/$sha" || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
-      off=$((off+n))
-    done
-    rm -f "$p.data"
-    cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
-    say ok
-  } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat >/dev/null; fi
-) < "$p.in"
-kill -TERM 0
-"""
-
-# $1 the relay script, then the relay's arguments (Relay.args): start it detached, answer once
-# its address and port listen (/proc/net/tcp), within 2 s. Never fails the command.
-ARM_SCRIPT = r"""
-relay=$1; shift
-c=$1; p=$2; port=$5
-command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
-mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.hold" "$p.in" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
-setsid sh -c "$relay" rhaas-relay "$@" </dev/null >/dev/null 2>&1 &
-r=$!
-echo "$r" > "$p.pid"
-h=$(IFS=.; set -- $4; printf '%02X%02X%02X%02X' "$4" "$3" "$2" "$1")$(printf ':%04X 00000000:0000 0A' "$port")
-i=0
-while [ "$i" -lt 40 ]; do
-  # listening, and by our nc (not by whatever else holds that address and port)
-  ino=$(grep "$h" /proc/net/tcp 2>/dev/null | { read -r _ _ _ _ _ _ _ _ _ n _; echo "$n"; })
-  n=$(cat "$p.nc" 2>/dev/null)
-  if [ -n "$ino" ] && [ -n "$n" ]; then
-    for f in /proc/"$n"/fd/*; do
-      [ "$(busybox readlink "$f" 2>/dev/null)" = "socket:[$ino]" ] && { echo rhaas:armed; exit 0; }
-    done
-  fi
-  kill -0 "$r" 2>/dev/null || break
-  sleep 0.05; i=$((i+1))
-done
-kill -TERM -"$r" 2>/dev/null
-rm -f "$p".*
-echo "rhaas:noarm the relay does not listen"
-exit 0
-"""
-
-# $1 prefix, $2 seconds to wait for the relay's status (0: none), $3 seconds without a byte
-# that count as a stalled chain. Then the relay's process group is stopped (only if its PID
-# still runs a command naming the prefix) and its files removed. Says rhaas:chain STATUS.
-CHAIN_WAIT_SCRIPT = r"""
-p=$1; t=$(( $2 * 10 )); stall=$(( $3 * 10 )); i=0; last=-1; same=0
-pid=$(cat "$p.pid" 2>/dev/null)
-case "$pid" in ''|*[!0-9]*) pid=;; esac
-# shell built-ins only in the loops (every fork counts when a node relays and verifies)
-running() { [ -n "$pid" ] && { x=; IFS= read -r x < "/proc/$pid/cmdline"; [ -n "$x" ]; } 2>/dev/null; }
-while [ ! -f "$p.st" ] && [ "$i" -lt "$t" ]; do
-  running || break
-  if [ $((i % 5)) -eq 0 ]; then
-    n=$(wc -c < "$p.data" 2>/dev/null || echo 0)
-    if [ "$n" = "$last" ]; then same=$((same+5)); else same=0; last=$n; fi
-    [ "$same" -ge "$stall" ] && break
-  fi
-  sleep 0.1; i=$((i+1))
-done
-# verified here: let the relay finish passing the stream on (it ends its group when done)
-seen=$(cut -d' ' -f1 /proc/uptime 2>/dev/null)
-i=0
-while [ -f "$p.st" ] && [ "$i" -lt "$stall" ] && running; do sleep 0.1; i=$((i+1)); done
-echo "rhaas:chaintimes $(cat "$p.t" 2>/dev/null) $seen $(cut -d' ' -f1 /proc/uptime 2>/dev/null)" | tr '\n' ' '
-echo
-if [ -f "$p.st" ]; then r=$(cat "$p.st"); elif [ "$t" -eq 0 ]; then r="bad not in a chain"; else r="bad no complete stream"; fi
-[ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$p" && kill -TERM -"$pid" 2>/dev/null
-rm -f "$p".*
-echo "rhaas:chain $r"
 exit 0
 """
 

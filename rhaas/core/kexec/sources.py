@@ -15,6 +15,10 @@ rhaas's own part of moving images is only this choice; the bytes go over maintai
 * a source that failed or was too slow for a node is dropped for the whole run, and the
   node moves to another peer, then to the origin; with none left, to SFTP;
 * serving nodes do not jump until no node is left to fetch (:meth:`Sources.settled`).
+
+Before all that, for a large image (``blob-chain``), the nodes that lack it may get it from a
+:class:`Chain` instead: relayed node to node as it arrives (README "Images at scale"); a node
+the chain does not serve falls back to the sources above.
 """
 
 from __future__ import annotations
@@ -137,8 +141,8 @@ class Pull:
 
 
     def relay_for(self, index: int, shas: list[str]):
-        """The node's :class:`~rhaas.core.kexec.commands.Relay` when the run chains, else None."""
-        from rhaas.core.kexec.commands import Relay
+        """The node's :class:`~rhaas.core.kexec.relay.Relay` when the run chains, else None."""
+        from rhaas.core.kexec.relay import Relay
 
         if self.chain is None:
             return None
@@ -178,7 +182,7 @@ class Chain:
     """Pipelined broadcast (Kadeploy's Kastafior/Kascade): nodes missing the image relay the
     bytes to each other as they arrive, instead of each holding the whole file before serving.
 
-    Each such node starts a relay (:data:`~rhaas.core.kexec.commands.RELAY_SCRIPT`, one
+    Each such node starts a relay (:data:`~rhaas.core.kexec.relay.RELAY_SCRIPT`, one
     ``busybox nc`` listening on the node's own address) and says so here (:meth:`armed`); a
     node that will not take part (cached, failed, no relay) says :meth:`out`. The
     :class:`ChainFeeder` (in the rhaas process, next to the origin) waits until every node
@@ -229,6 +233,12 @@ class Chain:
         """Node ``i`` takes no part (cached, failed, no relay, or done)."""
         with self._lock:
             if self._state[i] == _UNDECIDED:
+                self._set(i, _OUT)
+
+    def leave(self, i: int) -> None:
+        """Node ``i`` gave up waiting for the chain to start: it is not streamed to."""
+        with self._lock:
+            if self._state[i] in (_UNDECIDED, _ARMED):
                 self._set(i, _OUT)
 
     def turn(self, i: int) -> str:

@@ -6,7 +6,12 @@ overlay (keys) is always written over SSH; the kernel and initrd come from the s
 initrd and ``kexec -l`` in one command), or over SFTP when the node has no HTTP client or no
 source is left (:meth:`Staging._push`). A node that serves the image to peers waits, holding
 no thread, until no node is left to fetch, then stops its server and jumps (:meth:`Staging._hold`).
-Each node records ``transfer``: the path it took, the bytes, the source, dropped sources.
+When the run chains (:class:`~rhaas.core.kexec.sources.Chain`), a node first arms its relay
+(:meth:`Staging._arm`), waits for the chain to start (:meth:`Staging._chain_turn`), and its
+fetch command waits for the relay (:meth:`Staging._fetch_chained`); a node the chain did not
+serve pulls as above. Each node records ``transfer``: the path it took, the bytes, the
+source, dropped sources (and for the chain ``chain_uptimes``: the node's uptime when its stream
+began, ended, was verified, was seen, and when its relay finished).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Staging:
         turn = pull.chain.turn(self.job.index) if self.chain_turn == "in" else "out"
         if turn == "wait":
             if time.monotonic() - self.stage_t0 > self.opts.command_timeout + pull.fetch_timeout:
+                pull.chain.leave(self.job.index)
                 turn = "out"
             else:
                 return time.monotonic() + 0.02
