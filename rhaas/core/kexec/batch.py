@@ -256,7 +256,7 @@ def _origin(image: Image, opts: KexecOptions, jobs: list[Job], settings: dict | 
         peer_port=secrets.SystemRandom().randrange(40000, 60000), peer_token=secrets.token_urlsafe(18),
         run_id=secrets.token_hex(6), fetch_timeout=opts.blob_fetch_timeout, cache_dir=opts.cache_dir,
     )
-    chains = chain_count(_chain_mode(settings or {}), peers, len(jobs), image.kernel.size + image.initrd.size)
+    chains = chain_count(_chain_mode(settings or {}), peers, hosts, image.kernel.size + image.initrd.size)
     if chains:
         pull.chain = Chain(len(jobs), hosts, secrets.SystemRandom().randrange(30000, 39000 - len(jobs)),
                            secrets.token_urlsafe(18), chains)

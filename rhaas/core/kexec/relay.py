@@ -47,10 +47,11 @@ class Relay:
 # connection: busybox's nc quits when its peer does). The stream is three lines, then the bytes:
 #   TOKEN / the hops after this one (ADDR:PORT ...) / SHA:SIZE per blob, in order
 # A relay checks the token (a stray connection ends the relay: that node pulls over HTTP), passes the lines on with itself
-# removed from the route, and `busybox tee`s the bytes into its stream file and the next hop's
-# `busybox nc`. When its upstream ends, it closes its downstream at once (no wait for its own
-# checks), then cuts the blobs out of the stream, keeps only those it was told over SSH to
-# want and whose sha256 is their name, and writes its status (ok, or why not) to PREFIX.st.
+# removed from the route, and `busybox tee`s the bytes into its stream file, a FIFO where each
+# blob's sha256 is computed as it passes, and the next hop's `busybox nc`. Only blobs it was
+# told over SSH to want are taken. When its upstream ends, it closes its downstream at once (no
+# wait for its own checks), then cuts out of the stream each blob whose sha256 is its name, and
+# writes its status (ok, or why not) to PREFIX.st.
 # $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live, then the
 # digests of the blobs the node wants.
 RELAY_SCRIPT = r"""
@@ -67,23 +68,29 @@ echo $! > "$p.nc"
   cut -d' ' -f1 /proc/uptime > "$p.t" 2>/dev/null
   set -- $route; next=${1:-}; [ $# -gt 0 ] && shift; rest="$*"
   case "$next" in *[!0-9.:]*) next=;; esac
+  for b in $blobs; do
+    case "${b##*:}" in ''|*[!0-9]*) say "bad stream header"; exit 0;; esac
+    case "$want" in *" ${b%%:*} "*) ;; *) say "bad a blob this node does not want"; exit 0;; esac
+  done
   {
     [ -n "$next" ] && printf '%s\n%s\n%s\n' "$tok" "$rest" "$blobs"
-    busybox tee "$p.data"
+    # each blob's sha256, computed as the bytes pass (blob by blob, by size)
+    ( for b in $blobs; do
+        busybox dd bs=64k count="${b##*:}" iflag=count_bytes,fullblock 2>/dev/null | sha256sum
+      done > "$p.sums" ) < "$p.fifo" &
+    busybox tee "$p.data" "$p.fifo"
     exec >/dev/null
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
+    wait
+    exec 3< "$p.sums"
     off=0
     for b in $blobs; do
-      sha=${b%%:*}; n=${b##*:}
-      case "$sha:$n" in *[!0-9a-f:]*|:*|*:) say "bad stream header"; exit 0;; esac
-      case "$want" in *" $sha "*) ;; *) say "bad a blob this node does not want"; exit 0;; esac
+      sha=${b%%:*}; n=${b##*:}; s=
+      read -r s _ <&3
+      [ "$s" = "$sha" ] || { say "bad sha256 mismatch (a truncated or altered stream: $(wc -c < "$p.data") bytes)"; exit 0; }
       f="$c/.chain.$sha.$$"
       busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
-        || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
-      if ! printf '%s  %s\n' "$sha" "$f" | sha256sum -c >/dev/null 2>&1; then
-        rm -f "$f"; say "bad sha256 mismatch (a truncated or altered stream: $(wc -c < "$p.data") bytes)"; exit 0
-      fi
-      mv -f "$f" "$c/$sha" || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
+        && mv -f "$f" "$c/$sha" || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
       off=$((off+n))
     done
     rm -f "$p.data"
@@ -100,7 +107,7 @@ ARM_SCRIPT = r"""
 relay=$1; shift
 c=$1; p=$2; port=$5
 command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
-mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.hold" "$p.in" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
+mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.hold" "$p.in" "$p.fifo" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
 setsid sh -c "$relay" rhaas-relay "$@" </dev/null >/dev/null 2>&1 &
 r=$!
 echo "$r" > "$p.pid"

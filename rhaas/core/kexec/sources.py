@@ -150,12 +150,19 @@ class Pull:
                      2 * self.fetch_timeout + 30, shas)
 
 
-def chain_count(mode: str, peers: bool, nodes: int, image_bytes: int) -> int:
+def chain_count(mode: str, peers: bool, hosts: list[str], image_bytes: int) -> int:
     """How many chains a run uses (``blob-chain``): 0 for none. ``on``/``auto`` need peers
-    (each node its own address); ``auto`` also an image of :data:`CHAIN_MIN_BYTES` or more."""
-    if mode == "off" or not peers or nodes < 2 or (mode == "auto" and image_bytes < CHAIN_MIN_BYTES):
+    (each node its own address); ``auto`` also an image of :data:`CHAIN_MIN_BYTES` or more and
+    nodes off loopback. Nodes on loopback share this machine (a simulated farm): there is no
+    link to spare, and the relays' small copies (busybox nc and tee move 1 KB at a time) would
+    only take the CPU every node shares."""
+    import ipaddress
+
+    if mode == "off" or not peers or len(hosts) < 2:
         return 0
-    return max(1, min(ORIGIN_SLOTS, -(-nodes // CHAIN_NODES)))
+    if mode == "auto" and (image_bytes < CHAIN_MIN_BYTES or any(ipaddress.ip_address(h).is_loopback for h in hosts)):
+        return 0
+    return max(1, min(ORIGIN_SLOTS, -(-len(hosts) // CHAIN_NODES)))
 
 
 def peers_possible(hosts: list[str]) -> bool:
