@@ -87,7 +87,7 @@ echo $! > "$p.nc"
     for b in $blobs; do
       sha=${b%%:*}; n=${b##*:}; s=
       read -r s _ <&3
-      [ "$s" = "$sha" ] || { say "bad sha256 mismatch (a truncated or altered stream: $(wc -c < "$p.data") bytes)"; exit 0; }
+      [ "$s" = "$sha" ] || { say "bad sha256 mismatch (a truncated or altered stream: $(busybox stat -c %s "$p.data") bytes)"; exit 0; }
       f="$c/.chain.$sha.$$"
       busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
         && mv -f "$f" "$c/$sha" || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
@@ -143,7 +143,7 @@ running() { [ -n "$pid" ] && { x=; IFS= read -r x < "/proc/$pid/cmdline"; [ -n "
 while [ ! -f "$p.st" ] && [ "$i" -lt "$t" ]; do
   running || break
   if [ $((i % 5)) -eq 0 ]; then
-    n=$(wc -c < "$p.data" 2>/dev/null || echo 0)
+    n=$(busybox stat -c %s "$p.data" 2>/dev/null || echo 0)  # not wc -c: busybox's reads the file
     if [ "$n" = "$last" ]; then same=$((same+5)); else same=0; last=$n; fi
     [ "$same" -ge "$stall" ] && break
   fi
