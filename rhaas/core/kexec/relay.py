@@ -43,8 +43,8 @@ class Relay:
 
 
 # The chain (pipelined broadcast, README "Images at scale"). Every node's relay is one
-# `busybox nc -l` on its own address (stdin a FIFO held open, so that nc never half-closes the
-# connection: busybox's nc quits when its peer does). The stream is three lines, then the bytes:
+# `busybox nc -l -e` on its own address: the relay script runs on the connection (its stdin is
+# the upstream socket; it never writes to it). The stream is three lines, then the bytes:
 #   TOKEN / the hops after this one (ADDR:PORT ...) / SHA:SIZE per blob, in order
 # A relay checks the token (a stray connection ends the relay: that node pulls over HTTP), passes the lines on with itself
 # removed from the route, and `busybox tee`s the bytes into its stream file, a FIFO where each
@@ -56,11 +56,9 @@ class Relay:
 # digests of the blobs the node wants.
 RELAY_SCRIPT = r"""
 trap '' PIPE
-c=$1; p=$2; tok=$3; addr=$4; port=$5; t=$6; shift 6; want=" $* "
-( sleep "$t"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
+exec >/dev/null
+c=$1; p=$2; tok=$3; t=$6; shift 6; want=" $* "
 say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
-busybox nc -l -p "$port" "$addr" 0<>"$p.hold" >"$p.in" &
-echo $! > "$p.nc"
 (
   IFS= read -r got || { say "bad no stream"; exit 0; }
   [ "$got" = "$tok" ] || { say "bad wrong token"; exit 0; }
@@ -96,8 +94,8 @@ echo $! > "$p.nc"
     rm -f "$p.data"
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     say ok
-  } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat >/dev/null; fi
-) < "$p.in"
+  } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat; fi
+)
 kill -TERM 0
 """
 
@@ -107,8 +105,11 @@ ARM_SCRIPT = r"""
 relay=$1; shift
 c=$1; p=$2; port=$5
 command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
-mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.hold" "$p.in" "$p.fifo" || { echo "rhaas:noarm cannot make FIFOs"; exit 0; }
-setsid sh -c "$relay" rhaas-relay "$@" </dev/null >/dev/null 2>&1 &
+mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.fifo" || { echo "rhaas:noarm cannot make a FIFO"; exit 0; }
+# the group's leader: a watchdog, then busybox nc listening, which runs the relay on the connection
+setsid sh -c '( sleep "$7"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
+r=$1; shift; exec busybox nc -l -p "$5" "$4" -e sh -c "$r" rhaas-relay "$@"' rhaas-relay-run "$relay" "$@" \
+  </dev/null >/dev/null 2>&1 &
 r=$!
 echo "$r" > "$p.pid"
 h=$(IFS=.; set -- $4; printf '%02X%02X%02X%02X' "$4" "$3" "$2" "$1")$(printf ':%04X 00000000:0000 0A' "$port")
@@ -116,9 +117,8 @@ i=0
 while [ "$i" -lt 40 ]; do
   # listening, and by our nc (not by whatever else holds that address and port)
   ino=$(grep "$h" /proc/net/tcp 2>/dev/null | { read -r _ _ _ _ _ _ _ _ _ n _; echo "$n"; })
-  n=$(cat "$p.nc" 2>/dev/null)
-  if [ -n "$ino" ] && [ -n "$n" ]; then
-    for f in /proc/"$n"/fd/*; do
+  if [ -n "$ino" ]; then
+    for f in /proc/"$r"/fd/*; do
       [ "$(busybox readlink "$f" 2>/dev/null)" = "socket:[$ino]" ] && { echo rhaas:armed; exit 0; }
     done
   fi
