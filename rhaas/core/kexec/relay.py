@@ -70,13 +70,21 @@ say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
     case "${b##*:}" in ''|*[!0-9]*) say "bad stream header"; exit 0;; esac
     case "$want" in *" ${b%%:*} "*) ;; *) say "bad a blob this node does not want"; exit 0;; esac
   done
+  # each blob's sha256, computed as the bytes pass (blob by blob, by size)
+  ( for b in $blobs; do
+      busybox dd bs=64k count="${b##*:}" iflag=count_bytes,fullblock 2>/dev/null | sha256sum
+    done > "$p.sums" ) < "$p.fifo" &
+  exec 3<&0
+  # one copy per node: tee reads the upstream socket and writes the stream file, the FIFO and
+  # (run by nc -e, its stdout the downstream socket) the next hop; without a next hop, or if it
+  # cannot be reached, tee keeps the bytes here only
+  if [ -n "$next" ]; then
+    busybox nc "${next%:*}" "${next##*:}" -e sh -c ': > "$4.out"; printf "%s\n%s\n%s\n" "$1" "$2" "$3"
+      exec busybox tee "$4.data" "$4.fifo" <&3 2>/dev/null' rhaas-relay-out "$tok" "$rest" "$blobs" "$p"
+  fi
+  [ -f "$p.out" ] || busybox tee "$p.data" "$p.fifo" <&3 >/dev/null
+  exec 3<&- </dev/null
   {
-    [ -n "$next" ] && printf '%s\n%s\n%s\n' "$tok" "$rest" "$blobs"
-    # each blob's sha256, computed as the bytes pass (blob by blob, by size)
-    ( for b in $blobs; do
-        busybox dd bs=64k count="${b##*:}" iflag=count_bytes,fullblock 2>/dev/null | sha256sum
-      done > "$p.sums" ) < "$p.fifo" &
-    busybox tee "$p.data" "$p.fifo"
     exec >/dev/null
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     wait
@@ -94,7 +102,7 @@ say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
     rm -f "$p.data"
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     say ok
-  } | if [ -n "$next" ]; then busybox nc "${next%:*}" "${next##*:}"; else cat; fi
+  }
 )
 kill -TERM 0
 """
