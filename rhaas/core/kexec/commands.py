@@ -258,6 +258,7 @@ for f in "$c"/.chain-*.pid; do
   case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$r" && kill -TERM -"$p";; esac
   rm -f "$r".*
 done
+rm -f "$c"/.chain.*.*  # a blob a killed relay was cutting out of its stream
 shas=
 while [ $# -gt 0 ] && [ "$1" != -- ]; do shas="$shas $1"; shift; done
 [ $# -gt 0 ] && shift
