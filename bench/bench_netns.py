@@ -17,7 +17,8 @@ and holds one image of random bytes (16 MB kernel + 16 MB initrd), then:
 
 Each run is the whole ``rhaas kexec`` process, wall clock, with the image in no node's cache
 (the fake jump empties the RAM cache, as a real one does). The physical limit is what one
-node alone needs: image bytes / 12.5 MB/s (about 2.7 s). Target: pull <= 3x the limit; a
+node alone needs: image bytes / 12.5 MB/s (about 2.7 s). Each run also prints how busy the
+machine's cores were (all 16 nodes' processes and the shaped links share them). Target: pull <= 3x the limit; a
 push from one origin link cannot beat 16x. Until the pull path exists (setting
 ``blob-listen``), the pull run is skipped and says so.
 
@@ -60,6 +61,12 @@ def rhaas(home: Path, *args: str, extra: dict | None = None, timeout: float = 60
                           timeout=timeout, check=False, cwd=str(ROOT))
 
 
+def _cpu_busy() -> float:
+    """Seconds of CPU the whole machine spent busy so far (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def pull_available() -> bool:
     from rhaas.settings import SETTINGS
 
@@ -72,9 +79,16 @@ def kexec_run(home: Path, farm: NetnsFarm, label: str, limit: float, extra: dict
     if only and label not in only.split(","):
         return
     n = len(farm.nodes)
+    import resource
+
+    busy0 = _cpu_busy()
+    own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     done = rhaas(home, "kexec", farm.nodeset(), "--image", "img", "--json", "--no-fallback", extra=extra)
     wall = time.monotonic() - t0
+    busy = _cpu_busy() - busy0
+    own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
     try:
         results = json.loads(done.stdout or "[]")
     except json.JSONDecodeError:
@@ -92,6 +106,9 @@ def kexec_run(home: Path, farm: NetnsFarm, label: str, limit: float, extra: dict
         note = (f"(one origin link: cannot beat {floor:g}x)" if label.startswith("push") else
                 "(store-and-forward: log2(n+1) waves, about 4x at best)")
         say(f"netns.{label}_vs_limit_ratio", ratio, note)
+    cores = os.cpu_count() or 1
+    say(f"netns.{label}_machine_cpu_busy_s", busy, f"(all processes; {busy / (wall * cores):.0%} of {cores} cores: "
+        f"every node's relay or client shares them; the rhaas process {own:.1f} s)")
     paths: dict[str, int] = {}
     for r in results:
         path = (r.get("transfer") or {}).get("path")
