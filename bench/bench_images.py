@@ -9,11 +9,17 @@ peer servers the host's busybox httpd, each on its node's own 127.x address):
 
 * ``first``: a new image (8 MB kernel + 56 MB initrd of random bytes; new bytes for each node
   count) reaches N nodes by the real ``rhaas kexec sim-[..] --kernel K --initrd I --json``
-  (fetch, verify, build the node's initrd, ``kexec -l``, jump, verify the boot), against
+  (fetch from the origin or peers, ``blob-chain auto``: no chain on loopback; verify, build
+  the node's initrd, ``kexec -l``, jump, verify the boot), against
   Fabric putting the same two files on the same N nodes in parallel (``Connection.put``,
   a thread per node, as ``ThreadingGroup`` would; host keys pinned). Printed: both walls,
   the ratio rhaas/Fabric (target <= 0.1) and the bytes rhaas's origin sent (target <= 3 x
   the image, whatever N);
+* ``first ... _chain`` (largest N only, with ``RHAAS_BENCH_IMAGES_CHAIN=1``): the same with
+  ``blob-chain on``: the nodes relay the image along 2 chains as it arrives (busybox nc and
+  tee). On loopback there is no link to spare and every relay's 1 KB copies share this
+  machine's cores (and the one farm process's SSH server), so ``auto`` does not chain here;
+  the figure shows that cost;
 * ``cached``: the same image again on the largest N (every node holds it: check, load, jump,
   verify) against Fabric's ``ThreadingGroup.run("true")`` on the same nodes (target <= 1.0).
 
@@ -148,38 +154,47 @@ def main() -> int:
                 print(f"# fabric errors: {doc['errors']}", flush=True)
             for x in farm.nodes[:n]:  # Fabric's copies are not the image rhaas deploys: free the disk
                 shutil.rmtree(Path(x["root"]) / "run/fabric", ignore_errors=True)
-            cmd = [sys.executable, "-m", "rhaas", "kexec", nodeset, "--kernel", str(kernel), "--initrd", str(initrd),
-                   "--append", "console=ttyS0", "--json"]
-            wall, done, _, cpu = timed(cmd, env, 3600, farm.proc.pid)
-            results = json.loads(done.stdout or "[]")
-            ok = sum(1 for r in results if r["outcome"] == "ok")
-            paths: dict[str, int] = {}
-            for r in results:
-                p = (r.get("transfer") or {}).get("path", "none")
-                paths[p] = paths.get(p, 0) + 1
-            summary = next((json.loads(ln)["rhaas_kexec_transfer"] for ln in done.stderr.splitlines()
-                            if "rhaas_kexec_transfer" in ln), {"origin_bytes": -1})
-            if ok < n:
-                reasons = sorted({r["reason"] for r in results if r["outcome"] != "ok"})
-                print(f"# kexec failures: {reasons[:5]} {done.stderr[-300:]}", flush=True)
-            ratio = wall / doc["wall"]
-            origin = summary["origin_bytes"]
-            # every simulated node shares this machine's cores: the sha256 each node must check
-            # (and its copies) are a floor that real nodes, each with its own CPU, do not share
-            sha_cpu = _cpu_of(["sha256sum", str(initrd), str(kernel)])
-            print(f"kexec.first_deploy_{n}_verify_floor_s {sha_cpu * n / (os.cpu_count() or 1):.2f} "
-                  f"(sha256 of the image on every node, spread over {os.cpu_count()} cores)", flush=True)
-            print(f"fabric.put_64mb_{n}_wall_s {doc['wall']:.2f}", flush=True)
-            print(f"fabric.put_64mb_{n}_ok {doc['ok']}", flush=True)
-            print(f"kexec.first_deploy_{n}_wall_s {wall:.2f}", flush=True)
-            print(f"kexec.first_deploy_{n}_ok {ok}", flush=True)
-            print(f"kexec.first_deploy_{n}_paths {json.dumps(paths, sort_keys=True)}", flush=True)
-            print(f"kexec.first_deploy_{n}_cpu_s {cpu[0]:.1f} (farm and its curl/httpd {cpu[1]:.1f})", flush=True)
-            print(f"kexec_vs_fabric_put_{n}_ratio {ratio:.3f}  (target <= 0.1: {'ok' if ratio <= 0.1 else 'MISSED'})",
-                  flush=True)
-            verdict = "ok" if 0 <= origin <= 3 * image_bytes else "MISSED"
-            print(f"kexec.first_deploy_{n}_origin_bytes {origin} ({origin / image_bytes:.2f} images; "
-                  f"target <= 3: {verdict})", flush=True)
+            # blob-chain auto (off on loopback: store-and-forward), last: the cached cycle below needs
+            # every node to hold the image; with RHAAS_BENCH_IMAGES_CHAIN=1, first the chain
+            variants = [("", {})]
+            if n == n_max and os.environ.get("RHAAS_BENCH_IMAGES_CHAIN"):
+                variants.insert(0, ("_chain", {"RHAAS_BLOB_CHAIN": "on"}))
+            for tag, extra in variants:
+                for x in farm.nodes[:n]:  # a first deploy each time: no node holds the image
+                    shutil.rmtree(Path(x["root"]) / "run/rhaas", ignore_errors=True)
+                cmd = [sys.executable, "-m", "rhaas", "kexec", nodeset, "--kernel", str(kernel), "--initrd", str(initrd),
+                       "--append", "console=ttyS0", "--json"]
+                wall, done, _, cpu = timed(cmd, {**env, **extra}, 3600, farm.proc.pid)
+                results = json.loads(done.stdout or "[]")
+                ok = sum(1 for r in results if r["outcome"] == "ok")
+                paths: dict[str, int] = {}
+                for r in results:
+                    p = (r.get("transfer") or {}).get("path", "none")
+                    paths[p] = paths.get(p, 0) + 1
+                summary = next((json.loads(ln)["rhaas_kexec_transfer"] for ln in done.stderr.splitlines()
+                                if "rhaas_kexec_transfer" in ln), {"origin_bytes": -1})
+                if ok < n:
+                    reasons = sorted({r["reason"] for r in results if r["outcome"] != "ok"})
+                    print(f"# kexec failures: {reasons[:5]} {done.stderr[-300:]}", flush=True)
+                ratio = wall / doc["wall"]
+                origin = summary["origin_bytes"]
+                # every simulated node shares this machine's cores: the sha256 each node must check
+                # (and its copies) are a floor that real nodes, each with its own CPU, do not share
+                sha_cpu = _cpu_of(["sha256sum", str(initrd), str(kernel)])
+                print(f"kexec.first_deploy_{n}{tag}_verify_floor_s {sha_cpu * n / (os.cpu_count() or 1):.2f} "
+                      f"(sha256 of the image on every node, spread over {os.cpu_count()} cores)", flush=True)
+                if not tag:
+                    print(f"fabric.put_64mb_{n}_wall_s {doc['wall']:.2f}", flush=True)
+                    print(f"fabric.put_64mb_{n}_ok {doc['ok']}", flush=True)
+                print(f"kexec.first_deploy_{n}{tag}_wall_s {wall:.2f}", flush=True)
+                print(f"kexec.first_deploy_{n}{tag}_ok {ok}", flush=True)
+                print(f"kexec.first_deploy_{n}{tag}_paths {json.dumps(paths, sort_keys=True)}", flush=True)
+                print(f"kexec.first_deploy_{n}{tag}_cpu_s {cpu[0]:.1f} (farm and its curl/httpd {cpu[1]:.1f})", flush=True)
+                print(f"kexec_vs_fabric_put_{n}{tag}_ratio {ratio:.3f}  (target <= 0.1: {'ok' if ratio <= 0.1 else 'MISSED'})",
+                      flush=True)
+                verdict = "ok" if 0 <= origin <= 3 * image_bytes else "MISSED"
+                print(f"kexec.first_deploy_{n}{tag}_origin_bytes {origin} ({origin / image_bytes:.2f} images; "
+                      f"target <= 3: {verdict})", flush=True)
 
         # the cached cycle on the largest count: every node holds the image already
         nodeset = f"sim-[0001-{n_max:04d}]"

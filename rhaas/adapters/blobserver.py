@@ -19,6 +19,10 @@ the range and ``sendfile``. Connections are served by one bounded pool of thread
 (``workers``); each connection has a socket timeout, so a stalled client frees its worker.
 The listener binds loopback unless told otherwise (``blob-listen``); nodes are given
 ``blob-url`` (default: the listen address) as the base of their URLs.
+
+:meth:`BlobServer.push_chain` is the other way out: the run's blobs streamed (``sendfile``)
+into the first node of a chain of relays (README "Images at scale"); its bytes count in
+:attr:`BlobServer.bytes_sent` like the HTTP answers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from rhaas.errors import RhaasError, UsageError
 PREFIX = "/rhaas/v0/blobs/"
 _SHA = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_CHAIN_LOCK = threading.Lock()
 
 
 @dataclass
@@ -248,11 +253,41 @@ class BlobServer:
     def url(self, sha: str) -> str:
         return f"{self.base_url}{PREFIX}{self.token}/{sha}"
 
+    def push_chain(self, host: str, port: int, header: bytes, shas: list[str], deadline: float) -> int:
+        """Stream ``header`` then the blobs ``shas`` (in order) into the first relay of a chain
+        (:mod:`rhaas.core.kexec.sources`) with ``socket.sendfile``, by monotonic ``deadline``;
+        half-close, wait (until the deadline) for the relay to close. Counted in
+        :attr:`bytes_sent`. Returns the blob bytes sent; OSError when the chain cannot take them."""
+        import time
+
+        sent = 0
+        with socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())) as sock:
+            sock.sendall(header)
+            for sha in shas:
+                blob = self.blobs[sha]
+                with open(blob.path, "rb") as fh:
+                    left = blob.size
+                    while left > 0:
+                        sock.settimeout(max(0.1, deadline - time.monotonic()))
+                        n = sock.sendfile(fh, blob.size - left, left)
+                        if not n:
+                            raise OSError(f"the chain took {blob.size - left} of {blob.size} bytes")
+                        left -= n
+                        sent += n
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            while sock.recv(4096):
+                pass
+        with _CHAIN_LOCK:
+            self._chain_sent = getattr(self, "_chain_sent", 0) + sent
+        return sent
+
     @property
     def bytes_sent(self) -> int:
+        chain = getattr(self, "_chain_sent", 0)
         if self._server is not None:
-            return self._server.sent
-        return getattr(self, "_stats", (0, 0))[0]
+            return self._server.sent + chain
+        return getattr(self, "_stats", (0, 0))[0] + chain
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -17,7 +17,9 @@ the host's ``/bin/sh`` with:
 
 Faults for peers (``DIR/faults.json``): ``peer_bad_bytes`` (the node serves other bytes
 under its blobs' names, its own cache intact) and ``peer_dies`` (its httpd is replaced by a
-listener that sends the headers and half of the body, then drops the connection).
+listener that sends the headers and half of the body, then drops the connection), and for
+the chain (``busybox nc`` relays, :data:`~rhaas.core.kexec.relay.RELAY_SCRIPT`)
+``relay_dies`` (its relay passes half of the stream on, then drops it: a node dying mid-chain).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ async def run_script(node: SimNode, args: list[str], fds) -> int:
     fds[2].write(err.replace(root.encode(), b""))
     if b"rhaas:serving" in out:
         await _peer_faults(node, mapped)
+    if b"rhaas:armed" in out and node.farm.fault(node.name, "relay_dies"):
+        await _relay_dies(node, mapped)
     return proc.returncode if proc.returncode is not None else 1
 
 
@@ -120,8 +124,11 @@ def kill_helpers(node: SimNode) -> None:
         return
     for pid in pids:
         if _ours(pid, node):
-            try:
-                os.kill(pid, signal.SIGTERM)
+            try:  # a detached helper leads its own process group (setsid): the group goes (a relay's nc, tee)
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGTERM)
+                else:
+                    os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
     path.unlink(missing_ok=True)
@@ -157,6 +164,50 @@ async def _peer_faults(node: SimNode, mapped: list[str]) -> None:
             lambda r, w: _half_and_drop(r, w, served), host, int(port), reuse_address=True
         )
         node.__dict__.setdefault("fake_peers", []).append(server)
+
+
+async def _relay_dies(node: SimNode, mapped: list[str]) -> None:
+    """``relay_dies``: the node's chain relay is replaced by one that passes the stream's header
+    and half of its bytes on to the next hop, then drops both connections (a node dying
+    mid-chain). It writes nothing to the node's cache or status."""
+    addr, port = mapped[4], int(mapped[5])  # ARM_SCRIPT's relay script, then Relay.args()
+    kill_helpers(node)
+    for _ in range(100):  # the killed relay's listener goes away soon
+        try:
+            server = await asyncio.start_server(_relay_half, addr, port, reuse_address=True)
+            break
+        except OSError:
+            await asyncio.sleep(0.02)
+    else:
+        return
+    node.__dict__.setdefault("fake_peers", []).append(server)
+
+
+async def _relay_half(reader, writer) -> None:
+    down = None
+    try:
+        lines = [await asyncio.wait_for(reader.readline(), 10) for _ in range(3)]
+        hops = lines[1].split()
+        size = sum(int(b.rsplit(b":", 1)[1]) for b in lines[2].split())
+        if hops:
+            host, _, port = hops[0].decode().rpartition(":")
+            _, down = await asyncio.open_connection(host, int(port))
+            down.write(lines[0] + b" ".join(hops[1:]) + b"\n" + lines[2])
+        left = size // 2
+        while left > 0:
+            chunk = await asyncio.wait_for(reader.read(min(left, 65536)), 10)
+            if not chunk:
+                break
+            left -= len(chunk)
+            if down is not None:
+                down.write(chunk)
+                await down.drain()
+    except (TimeoutError, OSError, ValueError, IndexError):
+        pass
+    finally:
+        writer.transport.abort()
+        if down is not None:
+            down.close()
 
 
 async def _half_and_drop(reader, writer, served: Path) -> None:

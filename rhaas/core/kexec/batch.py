@@ -67,6 +67,7 @@ def kexec_nodes(
         raise UsageError(f"unknown kexec mode {opts.mode!r}")
     if opts.mode != "exec" and image is None:
         raise UsageError("give --image NAME or --kernel/--initrd")
+    _chain_mode(settings)
     snap = store.snapshot()
     docs = lookup_nodes(snap, names)
     if image is not None:
@@ -152,13 +153,16 @@ def kexec_nodes(
     for i, job in enumerate(jobs):  # places in the run's shared source table (rhaas.core.kexec.sources)
         job.index = i
 
-    origin, pull = _origin(image, opts, jobs) if jobs and opts.mode != "exec" else (None, None)
+    origin, pull = _origin(image, opts, jobs, settings) if jobs and opts.mode != "exec" else (None, None)
+    feeder = _chain_feeder(origin, pull, image, opts)
     consoles = _watch_consoles(store, settings, jobs, opts)
 
     def after_fork() -> None:
         # threads and subprocesses of the parent start once the workers are forked
         if origin is not None:
             origin.start()
+        if feeder is not None:
+            feeder.start()
         if consoles is not None:
             try:
                 consoles.start()
@@ -182,6 +186,8 @@ def kexec_nodes(
     finally:
         if consoles is not None:
             consoles.stop()
+        if feeder is not None:
+            feeder.stop()
         if origin is not None:
             origin.stop()
             if stats is not None:
@@ -213,13 +219,30 @@ def _explain(consoles, r: KexecResult) -> None:
         r.reason = f"{r.reason}: {r.console_tail[-1][:200]}"
 
 
-def _origin(image: Image, opts: KexecOptions, jobs: list[Job]):
+def _chain_mode(settings: dict) -> str:
+    mode = str(settings.get("blob-chain") or "auto").strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise UsageError(f"blob-chain is auto, on or off, not {mode!r}")
+    return mode
+
+
+def _chain_feeder(origin, pull, image: Image | None, opts: KexecOptions):
+    """The thread that starts the run's chains (rhaas.core.kexec.sources.Chain), or None."""
+    if pull is None or pull.chain is None:
+        return None
+    from rhaas.core.kexec.sources import ChainFeeder
+
+    return ChainFeeder(pull.chain, origin, [image.kernel.sha256, image.initrd.sha256],
+                       opts.connect_timeout + opts.command_timeout + 2 * opts.blob_fetch_timeout)
+
+
+def _origin(image: Image, opts: KexecOptions, jobs: list[Job], settings: dict | None = None):
     """The run's image listener (bound, not yet serving: its threads start once the workers are
     forked) and the pull plan, or (None, None) when blob-listen is off."""
     import secrets
 
     from rhaas.adapters.blobserver import PREFIX, BlobServer
-    from rhaas.core.kexec.sources import Pull, peers_possible
+    from rhaas.core.kexec.sources import Chain, Pull, chain_count, peers_possible
 
     if opts.blob_listen.strip().lower() == "off":
         return None, None
@@ -236,6 +259,10 @@ def _origin(image: Image, opts: KexecOptions, jobs: list[Job]):
         peer_port=secrets.SystemRandom().randrange(40000, 60000), peer_token=secrets.token_urlsafe(18),
         run_id=secrets.token_hex(6), fetch_timeout=opts.blob_fetch_timeout, cache_dir=opts.cache_dir,
     )
+    chains = chain_count(_chain_mode(settings or {}), peers, hosts, image.kernel.size + image.initrd.size)
+    if chains:
+        pull.chain = Chain(len(jobs), hosts, secrets.SystemRandom().randrange(30000, 39000 - len(jobs)),
+                           secrets.token_urlsafe(18), chains)
     return server, pull
 
 

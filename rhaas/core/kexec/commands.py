@@ -13,7 +13,8 @@ pasted into the script: it picks the node's HTTP client (``curl``, else ``wget``
 each missing blob tries the given sources in order, each under a whole-fetch deadline,
 into a temporary file in the cache, checks its sha256, and only then renames it into the
 cache. A source that fails or sends other bytes is reported (``rhaas:bad I why``) and the
-next one is tried; nothing unverified ever gets a cache name.
+next one is tried; nothing unverified ever gets a cache name. The chain's relay scripts live in
+:mod:`rhaas.core.kexec.relay`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rhaas.adapters.ssh import Result
+    from rhaas.core.kexec.relay import Relay
 
 
 class Commands:
@@ -103,10 +105,13 @@ class Commands:
     def fetch_and_load(
         cls, kernel_sha: str, base_sha: str, overlay_sha: str, initrd_sha: str, cmdline: str, fire: bool, tag: str,
         sources: list[str], deadline: float, cache: str | None = None, serve: Serve | None = None,
+        chain: Relay | None = None, chain_wait: float = 0.0,
     ) -> str:
         """Pull the missing blobs from ``sources`` (base URLs, tried in order; a blob is
         ``BASE/<sha256>``) and verify them, then build the initrd and ``kexec -l`` (and fire),
-        all in one command. With ``serve``, the node then serves its blobs to peers."""
+        all in one command. With ``serve``, the node then serves its blobs to peers. With
+        ``chain``, the node's relay is waited for first (up to ``chain_wait`` seconds; 0: not at
+        all), then stopped: what it verified is in the cache, so the fetch skips it."""
         q = shlex.quote
         cache = check_cache_dir(cache or cls.CACHE_DIR)
         for url in sources:
@@ -116,6 +121,11 @@ class Commands:
             cls.cache_path(sha, cache)  # checks the digest
         args = [cache, str(max(1, round(deadline))), kernel_sha, base_sha, "--", *sources]
         fetch = f"sh -c {q(FETCH_SCRIPT)} rhaas-fetch " + " ".join(q(a) for a in args)
+        if chain is not None:
+            from rhaas.core.kexec.relay import CHAIN_WAIT_SCRIPT
+
+            wait = [chain.prefix, str(max(0, round(chain_wait))), str(max(1, min(10, round(deadline))))]
+            fetch = f"sh -c {q(CHAIN_WAIT_SCRIPT)} rhaas-chain-wait " + " ".join(q(a) for a in wait) + f" && {fetch}"
         cmd = (
             f"cat {cls.BOOT_ID} && {fetch} && "
             + cls._combine(kernel_sha, base_sha, overlay_sha, initrd_sha, cmdline, fire and serve is None, tag, cache)
@@ -124,6 +134,15 @@ class Commands:
             args = [cache, *serve.args(), kernel_sha, base_sha]
             cmd += f" && sh -c {q(SERVE_SCRIPT)} rhaas-serve " + " ".join(q(a) for a in args)
         return cmd
+
+    @classmethod
+    def arm_relay(cls, relay: Relay) -> str:
+        """Start the node's chain relay (detached) and answer once it listens: ``rhaas:armed``,
+        or ``rhaas:noarm WHY`` (then nothing of it is left)."""
+        from rhaas.core.kexec.relay import ARM_SCRIPT, RELAY_SCRIPT
+
+        q = shlex.quote
+        return f"sh -c {q(ARM_SCRIPT)} rhaas-relay-arm {q(RELAY_SCRIPT)} " + " ".join(q(a) for a in relay.args())
 
     @classmethod
     def stop_serving(cls, serve: Serve, fire: bool) -> str:
@@ -191,8 +210,8 @@ def check_cache_dir(path: str) -> str:
 
 def parse_fetch(result: Result) -> dict:
     """What the fetch script said: ``client``, ``got`` [(sha, source index)], ``bad``
-    [(source index, why)], ``serving`` (bool)."""
-    out: dict = {"client": None, "got": [], "bad": [], "serving": False, "nosource": None}
+    [(source index, why)], ``serving`` (bool), ``chain`` (``ok`` or why the relay failed; None)."""
+    out: dict = {"client": None, "got": [], "bad": [], "serving": False, "nosource": None, "chain": None}
     for line in result.lines:
         word, _, rest = line.strip().partition(" ")
         if word == "rhaas:client":
@@ -209,6 +228,13 @@ def parse_fetch(result: Result) -> dict:
             out["serving"] = True
         elif word == "rhaas:nosource":
             out["nosource"] = rest.strip()
+        elif word == "rhaas:chain":
+            out["chain"] = rest.strip()[:200]
+        elif word == "rhaas:chaintimes":  # node uptimes: stream began, ended, verified; seen; relay done
+            try:
+                out["chain_times"] = [float(x) for x in rest.split()][:5]
+            except ValueError:
+                pass
     return out
 
 
@@ -227,12 +253,23 @@ for f in "$c"/.peer-*.pid; do
   case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$r" && kill "$p";; esac
   rm -rf "$r" "$f"
 done
+# a chain relay a dead run left behind: its process group stopped, its files removed
+for f in "$c"/.chain-*.pid; do
+  [ -f "$f" ] || continue
+  p=$(cat "$f"); r=${f%.pid}
+  case "$p" in ''|*[!0-9]*) ;; *) tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$r" && kill -TERM -"$p";; esac
+  rm -f "$r".*
+done
+rm -f "$c"/.chain.*.*  # a blob a killed relay was cutting out of its stream
 shas=
 while [ $# -gt 0 ] && [ "$1" != -- ]; do shas="$shas $1"; shift; done
 [ $# -gt 0 ] && shift
 if command -v curl >/dev/null 2>&1; then get=curl
 elif command -v wget >/dev/null 2>&1; then get=wget
-else echo rhaas:client none; exit 3; fi
+else
+  for s in $shas; do [ -f "$c/$s" ] || { echo rhaas:client none; exit 3; }; done
+  get=cached  # nothing to fetch (a chain brought it): no client needed
+fi
 echo "rhaas:client $get"
 lim=; command -v timeout >/dev/null 2>&1 && lim="timeout $t"
 # no wget -T: Debian's busybox-static 1.35 wget crashes on it; timeout(1) bounds the fetch
