@@ -96,7 +96,7 @@ say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
       [ "$s" = "$sha" ] || { say "bad sha256 mismatch (a truncated or altered stream: $(busybox stat -c %s "$p.data") bytes)"; exit 0; }
       f="$c/.chain.$sha.$$"
       busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
-        && mv -f "$f" "$c/$sha" || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
+        && { busybox sync "$f" 2>/dev/null; mv -f "$f" "$c/$sha"; } || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
       off=$((off+n))
     done
     rm -f "$p.data"
