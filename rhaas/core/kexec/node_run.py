@@ -131,16 +131,20 @@ class NodeRun(Staging):
         self._next = self._fallback
         return time.monotonic()
 
-    def _retry(self) -> float:
-        """Start the kexec over (``--retries``): stage/load/jump again, then wait as before."""
-        self.retries_left -= 1
-        self.attempts += 1
+    def _forget_wait(self) -> None:
+        """A new attempt (a retry, or the fallback's power cycle) waits for its own boot afresh."""
         self.down_at = None
         self.saw_old = False
         self.last_poll_error = None
         self.busy_wait = self.opts.poll_interval
         for k in ("down", "up", "verify"):
             self.phases.pop(k, None)
+
+    def _retry(self) -> float:
+        """Start the kexec over (``--retries``): stage/load/jump again, then wait as before."""
+        self.retries_left -= 1
+        self.attempts += 1
+        self._forget_wait()
         self._next = self._load
         return time.monotonic() + self.opts.poll_interval
 
@@ -305,12 +309,7 @@ class NodeRun(Staging):
         self._bmc(backend.power, "cycle")
         self.fired_at = time.monotonic()
         self.deadline = self.fired_at + self.opts.timeout
-        self.down_at = None
-        self.saw_old = False
-        self.last_poll_error = None
-        self.busy_wait = self.opts.poll_interval
-        for k in ("down", "up", "verify"):
-            self.phases.pop(k, None)
+        self._forget_wait()
         self._next = self._poll
         return self.fired_at + self.opts.first_poll
 
