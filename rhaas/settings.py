@@ -54,6 +54,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "blob-fanout": (int, 4, "nodes one peer serves the image to at once (the origin serves 2)"),
     "blob-peers": (str, "auto", "auto: nodes that hold the image serve it to peers if each has its own address; off"),
     "blob-fetch-timeout": (float, 60.0, "seconds a node may take to fetch the image from one source"),
+    "blob-min-bytes": (int, 1 << 20, "images (kernel + initrd) smaller than this go over SFTP on the open session"),
     "blob-chain": (str, "auto", "on: nodes relay the image to each other as it arrives; auto: from 8 MB, off loopback; off"),
 }
 

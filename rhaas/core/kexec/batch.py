@@ -244,7 +244,7 @@ def _origin(image: Image, opts: KexecOptions, jobs: list[Job], settings: dict | 
     from rhaas.adapters.blobserver import PREFIX, BlobServer
     from rhaas.core.kexec.sources import Chain, Pull, chain_count, peers_possible
 
-    if opts.blob_listen.strip().lower() == "off":
+    if opts.blob_listen.strip().lower() == "off" or image.kernel.size + image.initrd.size < opts.blob_min_bytes:
         return None, None
     files = {image.kernel.sha256: image.kernel.path, image.initrd.sha256: image.initrd.path}
     server = BlobServer(files, opts.blob_listen, opts.blob_url, workers=max(2, min(16, opts.blob_fanout * 2)))

@@ -50,6 +50,7 @@ class KexecOptions:
     blob_fanout: int = 4
     blob_peers: str = "auto"  # auto | off
     blob_fetch_timeout: float = 60.0
+    blob_min_bytes: int = 1 << 20  # smaller images: one SFTP write on the open session beats a pull
 
     @classmethod
     def from_settings(
@@ -90,6 +91,7 @@ class KexecOptions:
             blob_fanout=pick(None, "blob-fanout", int),
             blob_peers=peers,
             blob_fetch_timeout=pick(None, "blob-fetch-timeout", float),
+            blob_min_bytes=pick(None, "blob-min-bytes", int),
             mode=mode,
             timeout=pick(timeout, "timeout", float),
             connect_timeout=connect,
