@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -161,21 +160,32 @@ def local(home) -> list[str]:
     return sorted(rhaas(home, "list", "-q").stdout.split())
 
 
+# Linux counts a child's pre-exec memory (its forked copy of this big pytest process) in its
+# ru_maxrss, so the CLI is started by a small fresh Python that waits for it and reports the
+# rusage of exactly that one grandchild, whose pre-exec copy is the launcher's few MB.
+LAUNCHER = """
+import os, signal, subprocess, sys, threading
+out, err, limit, argv = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+with open(out, "w") as o, open(err, "w") as e:
+    proc = subprocess.Popen(argv, stdout=o, stderr=e)
+timer = threading.Timer(limit, lambda: os.kill(proc.pid, signal.SIGKILL))
+timer.start()
+_, status, usage = os.wait4(proc.pid, 0)
+timer.cancel()
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def run_measured(home, *args):
     """Run the CLI; return (exit code, stdout, stderr, peak RSS in MB of that one process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
     env.update(ENV, RHAAS_HOME=str(home))
     out, err = home / "out.txt", home / "err.txt"
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "rhaas", *args], stdout=o, stderr=e, env=env, cwd=str(ROOT))
-    watchdog = threading.Timer(HANG, lambda: os.kill(proc.pid, signal.SIGKILL))
-    watchdog.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of exactly this child
-    finally:
-        watchdog.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(out), str(err), str(HANG), sys.executable, "-m", "rhaas", *args],
+        env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=HANG + 30, check=True)
+    code, maxrss_kb = (int(x) for x in launched.stdout.split())
+    return code, out.read_text(), err.read_text(), maxrss_kb / 1024
 
 
 # -- time: one deadline per call ------------------------------------------------------------------
