@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 from farm_fixtures import _farm_process, client_key, farm_home, sim_farm  # noqa: F401
-from test_images_http import cached, helper_pids, helpers_of, kexec, listeners, socket_inodes
+from test_images_http import (
+    cached,
+    helpers_of,
+    kexec,
+    kexec_seeing_listeners,
+    listeners,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/busybox").exists() and not Path("/bin/busybox").exists(),
                                 reason="needs busybox (Debian busybox-static) for the relays' nc")
@@ -45,21 +51,7 @@ def test_the_chain_brings_the_image_to_every_node_once_from_the_origin(sim_farm,
     monkeypatch.setenv("RHAAS_BLOB_CHAIN", "on")
     names = sim_farm.names[0:6]
     farm_home(rhaas_home, names)
-    seen: set[tuple[str, int]] = set()
-    stop = threading.Event()
-
-    def sample():  # the listeners of the origin and of the nodes' helpers (relays, httpd)
-        while not stop.is_set():
-            seen.update(listeners(socket_inodes([os.getpid(), *helper_pids(sim_farm)])))
-            stop.wait(0.02)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
-        r, out, summary = kexec(names, image)
-    finally:
-        stop.set()
-        t.join()
+    r, out, summary, seen = kexec_seeing_listeners(sim_farm, names, image)
     assert r.exit_code == 0, r.output
     size = sum(p.stat().st_size for p in image)
     assert {out[n]["outcome"] for n in names} == {"ok"}

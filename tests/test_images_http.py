@@ -187,15 +187,13 @@ def test_fetch_command_survives_a_real_shell_with_hostile_values(tmp_path):
     assert not marker.exists()
 
 
-# -- nodes pull, peers serve ---------------------------------------------------------------------
-def test_pull_from_origin_then_peers_and_nothing_left_behind(sim_farm, farm_home, rhaas_home, image, monkeypatch):
-    names = sim_farm.names[0:6]
-    farm_home(rhaas_home, names)
+def kexec_seeing_listeners(sim_farm, names, image):
+    """``kexec(names, image)``, sampling meanwhile every listening socket of this process (the
+    origin) and of the nodes' helpers (httpd, relays); returns kexec's answer and what listened."""
     seen: set[tuple[str, int]] = set()
     stop = threading.Event()
 
     def sample():
-        # the listeners of this process (the origin) and of the nodes' helpers (httpd)
         while not stop.is_set():
             seen.update(listeners(socket_inodes([os.getpid(), *helper_pids(sim_farm)])))
             stop.wait(0.02)
@@ -207,6 +205,14 @@ def test_pull_from_origin_then_peers_and_nothing_left_behind(sim_farm, farm_home
     finally:
         stop.set()
         t.join()
+    return r, out, summary, seen
+
+
+# -- nodes pull, peers serve ---------------------------------------------------------------------
+def test_pull_from_origin_then_peers_and_nothing_left_behind(sim_farm, farm_home, rhaas_home, image, monkeypatch):
+    names = sim_farm.names[0:6]
+    farm_home(rhaas_home, names)
+    r, out, summary, seen = kexec_seeing_listeners(sim_farm, names, image)
     assert r.exit_code == 0, r.output
     size = sum(p.stat().st_size for p in image)
     paths = {n: out[n]["transfer"]["path"] for n in names}
