@@ -275,7 +275,7 @@ def test_retries_and_the_ok_and_failed_lists(sim_farm, farm_home, rhaas_home, im
     sim_farm.set_faults({})
     r2, out2 = kexec_json("--image", img, "--timeout", "30", "--no-fallback", "-",
                           "--failed-file", failed_file, input=failed_file.read_text())
-    assert r2.exit_code == 0 and out2[broken]["outcome"] == "ok"
+    assert r2.exit_code == 0 and out2[broken]["outcome"] == "ok", (r2.stderr, out2[broken].get("reason"), out2[broken].get("phases"))
     assert failed_file.read_text() == ""
 
 

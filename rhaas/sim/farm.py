@@ -57,7 +57,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import asyncssh
@@ -76,30 +75,17 @@ def node_address(base: str, i: int) -> str:
     return str(ipaddress.IPv4Address(base) + (1 + i // 250) * 256 + (1 + i % 250))
 
 
-class _FileWatch:
-    """A file's identity (inode, mtime, size), looked up at most every ``every`` seconds.
+def _file_signature(path: Path):
+    """A file's identity (inode, mtime, size), or None when it is missing.
 
-    The farm asks about faults.json and authorized_keys on every command and login; one
-    stat per 20 ms keeps it from paying a syscall each time, and no client of the farm can
-    change a file and reach a node within 20 ms anyway.
+    Looked up on every command and login (one stat, about a microsecond): a test that changes
+    faults.json and runs rhaas at once must find the new faults on the very next command.
     """
-
-    def __init__(self, every: float = 0.02):
-        self.every = every
-        self._at = -1.0
-        self._sig = None
-
-    def signature(self, path: Path):
-        now = time.monotonic()
-        if now - self._at >= self.every:
-            self._at = now
-            try:
-                st = path.stat()
-                self._sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
-                self._sig = None
-        return self._sig
-
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class Farm:
@@ -124,8 +110,6 @@ class Farm:
         self._cmd_log = None
         self._dirty: set[SimNode] = set()
         self._flushes = 0
-        self._faults_watch = _FileWatch()
-        self._auth_watch = _FileWatch()
 
     # -- files the tests and rhaas read --------------------------------------------------------------
     def _host_keys(self) -> dict[str, str]:
@@ -194,7 +178,7 @@ class Farm:
     # -- faults and keys, re-read when their files change ----------------------------------------------
     def fault(self, name: str, what: str):
         path = self.dir / "faults.json"
-        sig = self._faults_watch.signature(path)
+        sig = _file_signature(path)
         if sig != self._faults_sig:
             self._faults_sig = sig
             self._faults = {}
@@ -209,7 +193,7 @@ class Farm:
         return self._faults.get(name, {}).get(what)
 
     def authorized(self) -> set[bytes]:
-        sig = self._auth_watch.signature(self.authorized_path)
+        sig = _file_signature(self.authorized_path)
         if sig != self._auth_sig:
             self._auth_sig = sig
             keys: set[bytes] = set()
