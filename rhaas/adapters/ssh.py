@@ -324,13 +324,14 @@ class Link:
         self._conn = conn
         return conn
 
-    def open(self, connect_timeout: float, command_timeout: float) -> Session:
-        """Connect and authenticate with strict host key checking; raise an SSHError subclass."""
+    def open(self, connect_timeout: float, command_timeout: float, tcp_timeout: float | None = None) -> Session:
+        """Connect and authenticate with strict host key checking; raise an SSHError subclass.
+        ``tcp_timeout`` bounds the TCP connect alone (default: ``connect_timeout``)."""
         import paramiko
 
         node, addr = self.endpoint.node, self.endpoint.address
         conn = self._connection()
-        sock = connect_socket(addr, connect_timeout, node)
+        sock = connect_socket(addr, tcp_timeout or connect_timeout, node)
         conn.connect_kwargs.update(
             sock=sock,  # connected already, with TCP_NODELAY (see _connect_socket)
             banner_timeout=connect_timeout,

@@ -149,12 +149,12 @@ class NodeRun(Staging):
         return time.monotonic() + self.opts.poll_interval
 
     # -- steps -------------------------------------------------------------------------------------
-    def _connect(self, connect_timeout: float, command_timeout: float):
+    def _connect(self, connect_timeout: float, command_timeout: float, tcp_timeout: float | None = None):
         from rhaas.adapters.ssh import Link
 
         if self.link is None:  # one Fabric Connection per node, for all of its sessions
             self.link = Link(self.job.endpoint, self.ctx.pkey)
-        return self.link.open(connect_timeout, command_timeout)
+        return self.link.open(connect_timeout, command_timeout, tcp_timeout)
 
     def _load(self) -> float | None:
         from rhaas.adapters.ssh import Unreachable
@@ -224,9 +224,14 @@ class NodeRun(Staging):
         # A booting node may accept TCP long before its sshd answers (QEMU's slirp does, so do
         # some BMC-NAT set-ups): a poll waits for the banner only briefly at first, then longer
         # as the wait grows, so a slow machine is not mistaken for a dead node.
-        poll_timeout = min(self.opts.connect_timeout, max(self.opts.poll_connect_timeout, 0.1 * (now - self.fired_at)))
+        # A SYN sent while the node's link is down is lost, and TCP would send it again only after
+        # a second: the TCP connect gets a shorter bound, and the next poll sends a fresh SYN.
+        elapsed = now - self.fired_at
+        poll_timeout = min(self.opts.connect_timeout, max(self.opts.poll_connect_timeout, 0.1 * elapsed))
+        tcp_timeout = min(poll_timeout, max(self.opts.poll_tcp_timeout, 0.05 * elapsed))
         try:
-            sess = self._connect(min(poll_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)))
+            sess = self._connect(min(poll_timeout, max(0.5, left)), min(self.opts.command_timeout, max(1.0, left)),
+                                 tcp_timeout)
         except Unreachable:
             self.polls["down"] += 1
             if self.down_at is None:

@@ -36,6 +36,7 @@ class KexecOptions:
     fallback: bool = True
     first_poll: float = 0.5  # the jump happens 0.2 s after the command returns
     poll_connect_timeout: float = 1.0  # banner wait of a post-jump poll at first (grows with the wait)
+    poll_tcp_timeout: float = 0.3  # TCP connect of a post-jump poll at first (grows with the wait)
     poll_interval: float = 0.25  # while the node refuses connections (cheap)
     busy_poll_max: float = 2.0  # back-off cap while the old kernel still answers (a handshake each)
     poll_lag: float = 2.0  # a due poll may wait this long behind nodes that have not started

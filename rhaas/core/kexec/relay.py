@@ -1,6 +1,6 @@
 """A node's chain relay (README "Images at scale"): its place in the run, and its three scripts.
 
-The relay is plain ``busybox`` (``nc``, ``tee``, ``dd``, ``mkfifo``) and POSIX ``sh``, the tools a
+The relay is plain ``busybox`` (``nc``, ``tee``, ``dd``) and POSIX ``sh``, the tools a
 standby image has; every variable part is a quoted positional argument, never text pasted into
 a script. :class:`~rhaas.core.kexec.commands.Commands` builds the command lines
 (``arm_relay``, ``fetch_and_load(chain=...)``); :class:`~rhaas.core.kexec.sources.Chain` decides
@@ -47,11 +47,11 @@ class Relay:
 # the upstream socket; it never writes to it). The stream is three lines, then the bytes:
 #   TOKEN / the hops after this one (ADDR:PORT ...) / SHA:SIZE per blob, in order
 # A relay checks the token (a stray connection ends the relay: that node pulls over HTTP), passes the lines on with itself
-# removed from the route, and `busybox tee`s the bytes into its stream file, a FIFO where each
-# blob's sha256 is computed as it passes, and the next hop's `busybox nc`. Only blobs it was
+# removed from the route, and `busybox tee`s the bytes into its stream file and the next hop's
+# `busybox nc` (sockets read and written by `busybox dd` in 64 KB blocks). Only blobs it was
 # told over SSH to want are taken. When its upstream ends, it closes its downstream at once (no
-# wait for its own checks), then cuts out of the stream each blob whose sha256 is its name, and
-# writes its status (ok, or why not) to PREFIX.st.
+# wait for its own checks), then cuts each blob out of the stream, keeps it only if its sha256
+# is its name, and writes its status (ok, or why not) to PREFIX.st.
 # $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live, then the
 # digests of the blobs the node wants.
 RELAY_SCRIPT = r"""
@@ -70,33 +70,35 @@ say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
     case "${b##*:}" in ''|*[!0-9]*) say "bad stream header"; exit 0;; esac
     case "$want" in *" ${b%%:*} "*) ;; *) say "bad a blob this node does not want"; exit 0;; esac
   done
-  # each blob's sha256, computed as the bytes pass (blob by blob, by size)
-  ( for b in $blobs; do
-      busybox dd bs=64k count="${b##*:}" iflag=count_bytes,fullblock 2>/dev/null | sha256sum
-    done > "$p.sums" ) < "$p.fifo" &
   exec 3<&0
-  # one copy per node: tee reads the upstream socket and writes the stream file, the FIFO and
-  # (run by nc -e, its stdout the downstream socket) the next hop; without a next hop, or if it
-  # cannot be reached, tee keeps the bytes here only
+  # tee reads the upstream socket and writes the stream file and, through busybox dd (run by
+  # nc -e, its stdout the downstream socket), the next hop; without a next hop, or if it cannot
+  # be reached, tee keeps the bytes here only. busybox tee moves 1 KB a call: dd gathers them
+  # into 64 KB socket writes (each socket write is a trip through the network stack, and 1 KB
+  # ones made the relays CPU-bound on bench/bench_netns.py)
   if [ -n "$next" ]; then
     busybox nc "${next%:*}" "${next##*:}" -e sh -c ': > "$4.out"; printf "%s\n%s\n%s\n" "$1" "$2" "$3"
-      exec busybox tee "$4.data" "$4.fifo" <&3 2>/dev/null' rhaas-relay-out "$tok" "$rest" "$blobs" "$p"
+      busybox tee "$4.data" <&3 2>/dev/null |
+        busybox dd bs=64k iflag=fullblock 2>/dev/null' rhaas-relay-out "$tok" "$rest" "$blobs" "$p"
   fi
-  [ -f "$p.out" ] || busybox tee "$p.data" "$p.fifo" <&3 >/dev/null
+  [ -f "$p.out" ] || busybox tee "$p.data" <&3 >/dev/null
   exec 3<&- </dev/null
   {
     exec >/dev/null
     cut -d' ' -f1 /proc/uptime >> "$p.t" 2>/dev/null
     wait
-    exec 3< "$p.sums"
-    off=0
+    # each blob cut out of the stream, then its sha256 read back from the page cache (hashing
+    # after the copy, not as the bytes pass: one pipe less per node, and a pipe write per KB
+    # woke a reader per KB)
+    off=0; have=$(busybox stat -c %s "$p.data" 2>/dev/null || echo 0)
     for b in $blobs; do
-      sha=${b%%:*}; n=${b##*:}; s=
-      read -r s _ <&3
-      [ "$s" = "$sha" ] || { say "bad sha256 mismatch (a truncated or altered stream: $(busybox stat -c %s "$p.data") bytes)"; exit 0; }
+      sha=${b%%:*}; n=${b##*:}
       f="$c/.chain.$sha.$$"
       busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
-        && { busybox sync "$f" 2>/dev/null; mv -f "$f" "$c/$sha"; } || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
+        || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
+      s=$(sha256sum "$f" 2>/dev/null); s=${s%% *}
+      [ "$s" = "$sha" ] || { rm -f "$f"; say "bad sha256 mismatch (a truncated or altered stream: $have bytes)"; exit 0; }
+      busybox sync "$f" 2>/dev/null; mv -f "$f" "$c/$sha"
       off=$((off+n))
     done
     rm -f "$p.data"
@@ -113,7 +115,7 @@ ARM_SCRIPT = r"""
 relay=$1; shift
 c=$1; p=$2; port=$5
 command -v busybox >/dev/null 2>&1 || { echo "rhaas:noarm no busybox"; exit 0; }
-mkdir -p "$c" && rm -f "$p".* && busybox mkfifo "$p.fifo" || { echo "rhaas:noarm cannot make a FIFO"; exit 0; }
+mkdir -p "$c" && rm -f "$p".* || { echo "rhaas:noarm cannot write the cache"; exit 0; }
 # the group's leader: a watchdog, then busybox nc listening, which runs the relay on the connection
 setsid sh -c '( sleep "$7"; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
 r=$1; shift; exec busybox nc -l -p "$5" "$4" -e sh -c "$r" rhaas-relay "$@"' rhaas-relay-run "$relay" "$@" \
