@@ -121,7 +121,14 @@ def main() -> int:
     k_mb, i_mb = (int(x) for x in os.environ.get("RHAAS_BENCH_IMAGE_MB", "8,56").split(","))
     image_bytes = (k_mb + i_mb) << 20
     n_max = max(counts)
-    tmp = Path(tempfile.mkdtemp(prefix="rhaas-bench-images-", dir=os.environ.get("RHAAS_BENCH_TMP")))
+    # the nodes' files go where a node keeps them (node-cache-dir /run/rhaas: a tmpfs), so in
+    # /dev/shm when it has room for every node's copy and Fabric's; RHAAS_BENCH_TMP overrides
+    where = os.environ.get("RHAAS_BENCH_TMP")
+    if where is None and os.path.isdir("/dev/shm"):
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > 3 * n_max * image_bytes:
+            where = "/dev/shm"
+    tmp = Path(tempfile.mkdtemp(prefix="rhaas-bench-images-", dir=where))
     farm = None
     try:
         home = tmp / "home"
@@ -136,7 +143,8 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RHAAS_")}
         env.update(RHAAS_HOME=str(home), RHAAS_TIMEOUT="300")
         print(f"# images: {k_mb} MB kernel + {i_mb} MB initrd, farm of {n_max} nodes in {tmp} "
-              "(RHAAS_BENCH_TMP=/dev/shm keeps the nodes' files in memory, as a node's /run is)", flush=True)
+              "(in /dev/shm when it has room: a node's cache dir /run/rhaas is in memory; RHAAS_BENCH_TMP=DIR "
+              "to choose)", flush=True)
 
         for n in counts:
             for x in farm.nodes:  # the previous count's image is not this one's: free the space

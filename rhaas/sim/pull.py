@@ -8,7 +8,7 @@ the host's ``/bin/sh`` with:
 * every argument that is an absolute path mapped into the node's root (``/run/rhaas/x`` ->
   ``DIR/nodes/<name>/run/rhaas/x``); the script text itself is rhaas's and names no path;
 * ``cwd`` the node's root and ``PATH`` a per-farm tool directory of symlinks to the host's
-  tools (``curl``, ``wget``, ``busybox``, ``sha256sum``, coreutils), or, for a node with the
+  tools (``curl``, ``wget``, ``busybox``, ``sha256sum``, ``openssl``, coreutils), or, for a node with the
   ``no_http_client`` fault, the same without curl and wget;
 * a ``setsid`` shim that records the PID of every detached helper (the peer's ``busybox
   httpd``, bound to the node's own 127.x address) in ``DIR/nodes/<name>.pids``, so that
@@ -37,14 +37,14 @@ if TYPE_CHECKING:
     from rhaas.sim.node import SimNode
 
 TOOLS = ("sh", "cat", "cut", "wc", "tr", "grep", "mv", "rm", "mkdir", "ln", "sleep", "kill", "timeout",
-         "sha256sum", "busybox", "curl", "wget")
+         "sha256sum", "openssl", "busybox", "curl", "wget")
 HTTP_CLIENTS = ("curl", "wget")
 SCRIPT_NAME = re.compile(r"rhaas-[a-z-]+")
 
 
 def tool_dir(farm_dir: Path, with_http: bool) -> Path:
     """The PATH of a node's scripts: symlinks to host tools (made once per farm)."""
-    d = farm_dir / "tools-2" / ("http" if with_http else "nohttp")  # -2: grep added
+    d = farm_dir / "tools-3" / ("http" if with_http else "nohttp")  # -3: openssl added
     if d.exists():
         return d
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")

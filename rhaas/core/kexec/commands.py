@@ -241,10 +241,21 @@ def parse_fetch(result: Result) -> dict:
 _CACHE = re.compile(r"/[A-Za-z0-9._/-]*")
 _URL = re.compile(r"http://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?")
 
+# A file's sha256 in hex, or nothing: openssl where the node has it (it uses the CPU's SHA
+# instructions: 3 to 4 times as fast as coreutils' or busybox's sha256sum here, 64 MB in 0.04 s
+# against 0.13 s), else sha256sum. Pasted at the head of the scripts that verify blobs.
+SHA256_FN = r"""
+sha256_of() {
+  if command -v openssl >/dev/null 2>&1; then h=$(openssl dgst -sha256 -r "$1" 2>/dev/null)
+  else h=$(sha256sum "$1" 2>/dev/null); fi
+  echo "${h%% *}"
+}
+"""
+
 # $1 cache dir, $2 seconds per fetch, then the blobs' digests, '--', the sources' base URLs.
 # Exit 3: no HTTP client; 5: no source gave a blob; 4: local errors.
 # Reports lines rhaas:client/got/bad/nosource.
-FETCH_SCRIPT = r"""
+FETCH_SCRIPT = SHA256_FN + r"""
 c=$1; t=$2; shift 2
 # a peer server a dead run left behind (its pid file is the record): stopped, links removed
 for f in "$c"/.peer-*.pid; do
@@ -283,7 +294,7 @@ for s in $shas; do
     else $lim wget -q -O "$tmp" "$b/$s" 2>/dev/null; fi
     rc=$?
     if [ "$rc" -ne 0 ]; then echo "rhaas:bad $i fetch failed (exit $rc)"; rm -f "$tmp"; continue; fi
-    if ! printf '%s  %s\n' "$s" "$tmp" | sha256sum -c >/dev/null 2>&1; then
+    if [ "$(sha256_of "$tmp")" != "$s" ]; then
       echo "rhaas:bad $i sha256 mismatch"; rm -f "$tmp"; continue
     fi
     sync "$tmp" 2>/dev/null; mv -f "$tmp" "$c/$s" || exit 4

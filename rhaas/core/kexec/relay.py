@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from rhaas.core.kexec.commands import Commands, check_cache_dir
+from rhaas.core.kexec.commands import SHA256_FN, Commands, check_cache_dir
 
 
 class Relay:
@@ -54,7 +54,7 @@ class Relay:
 # is its name, and writes its status (ok, or why not) to PREFIX.st.
 # $1 cache, $2 prefix, $3 token, $4 addr, $5 port, $6 seconds the relay may live, then the
 # digests of the blobs the node wants.
-RELAY_SCRIPT = r"""
+RELAY_SCRIPT = SHA256_FN + r"""
 trap '' PIPE
 exec >/dev/null
 c=$1; p=$2; tok=$3; t=$6; shift 6; want=" $* "
@@ -96,8 +96,7 @@ say() { echo "$1" > "$p.st.tmp" && mv -f "$p.st.tmp" "$p.st"; }
       f="$c/.chain.$sha.$$"
       busybox dd if="$p.data" of="$f" bs=1M skip="$off" count="$n" iflag=skip_bytes,count_bytes 2>/dev/null \
         || { rm -f "$f"; say "bad cannot write the cache"; exit 0; }
-      s=$(sha256sum "$f" 2>/dev/null); s=${s%% *}
-      [ "$s" = "$sha" ] || { rm -f "$f"; say "bad sha256 mismatch (a truncated or altered stream: $have bytes)"; exit 0; }
+      [ "$(sha256_of "$f")" = "$sha" ] || { rm -f "$f"; say "bad sha256 mismatch (a truncated or altered stream: $have bytes)"; exit 0; }
       busybox sync "$f" 2>/dev/null; mv -f "$f" "$c/$sha"
       off=$((off+n))
     done
