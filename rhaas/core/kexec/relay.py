@@ -48,7 +48,7 @@ class Relay:
 #   TOKEN / the hops after this one (ADDR:PORT ...) / SHA:SIZE per blob, in order
 # A relay checks the token (a stray connection ends the relay: that node pulls over HTTP), passes the lines on with itself
 # removed from the route, and `busybox tee`s the bytes into its stream file and the next hop's
-# `busybox nc` (sockets read and written by `busybox dd` in 64 KB blocks). Only blobs it was
+# `busybox nc` (that socket written by `busybox dd` in 64 KB blocks). Only blobs it was
 # told over SSH to want are taken. When its upstream ends, it closes its downstream at once (no
 # wait for its own checks), then cuts each blob out of the stream, keeps it only if its sha256
 # is its name, and writes its status (ok, or why not) to PREFIX.st.

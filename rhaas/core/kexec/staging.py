@@ -195,6 +195,11 @@ class Staging:
             self.dropped.append(f"{pull.label(src)}: {why}")
             self.fetched += got
             return time.monotonic()
+        _, cached, loaded = Commands.parse_load(r)
+        if said["serving"] and cached and loaded:
+            # a source before the slot it used frees: a node waiting for that slot finds this
+            # peer, not the origin (the other order let the origin send a third image)
+            pull.sources.holds(self.job.index)
         pull.sources.release(src, ok=True)
         self.fetched += got
         self.transfer = {
