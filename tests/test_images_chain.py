@@ -24,6 +24,7 @@ from test_images_http import (
     kexec,
     kexec_seeing_listeners,
     listeners,
+    shell_env,
 )
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/busybox").exists() and not Path("/bin/busybox").exists(),
@@ -141,8 +142,10 @@ def test_bad_blob_chain_setting_is_a_usage_error(sim_farm, farm_home, rhaas_home
     assert sim_farm.state(names[0])["boot_id"] == before
 
 
-@pytest.mark.parametrize("case", ["good", "stray", "unwanted", "wrong_bytes", "truncated"])
-def test_a_relay_keeps_only_wanted_blobs_whose_bytes_match_their_name(tmp_path, case):
+@pytest.mark.parametrize("case,hasher", [("good", "openssl"), ("stray", "openssl"), ("unwanted", "openssl"),
+                                         ("wrong_bytes", "openssl"), ("truncated", "openssl"),
+                                         ("good", "sha256sum"), ("wrong_bytes", "sha256sum")])
+def test_a_relay_keeps_only_wanted_blobs_whose_bytes_match_their_name(tmp_path, case, hasher):
     """The relay script itself, in a real shell with busybox nc on loopback: whatever connects,
     only a blob the node was told over SSH to want, with the bytes its name says, gets a cache
     name; then nothing of the relay is left running or listening."""
@@ -160,7 +163,9 @@ def test_a_relay_keeps_only_wanted_blobs_whose_bytes_match_their_name(tmp_path, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     relay = Relay(str(cache), "testrun01", "T" * 24, "127.0.0.1", port, 30, [sha_good])
-    armed = subprocess.run(["sh", "-c", Commands.arm_relay(relay)], capture_output=True, text=True, timeout=20, check=False)
+    env = shell_env(tmp_path, hasher)  # openssl verifies, or (a busybox-only node) sha256sum
+    armed = subprocess.run(["sh", "-c", Commands.arm_relay(relay)], capture_output=True, text=True, timeout=20,
+                           check=False, env=env)
     assert "rhaas:armed" in armed.stdout, armed
     token, name, body = "T" * 24, sha_good, good
     if case == "stray":
@@ -181,7 +186,7 @@ def test_a_relay_keeps_only_wanted_blobs_whose_bytes_match_their_name(tmp_path, 
         except (ConnectionResetError, BrokenPipeError):
             assert case in ("stray", "unwanted")  # the relay stopped reading at the header
     said = subprocess.run(["sh", "-c", CHAIN_WAIT_SCRIPT, "rhaas-chain-wait", relay.prefix, "10", "5"],
-                          capture_output=True, text=True, timeout=30, check=False).stdout
+                          capture_output=True, text=True, timeout=30, check=False, env=env).stdout
     status = [ln for ln in said.splitlines() if ln.startswith("rhaas:chain ")]
     expect = {"good": "ok", "stray": "bad wrong token", "unwanted": "bad a blob this node does not want",
               "wrong_bytes": "bad sha256 mismatch", "truncated": "bad sha256 mismatch"}[case]

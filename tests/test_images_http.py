@@ -160,9 +160,26 @@ def test_origin_needs_the_runs_token_and_serves_only_the_runs_blobs(tmp_path):
     assert (host, port) not in listeners()
 
 
-def test_fetch_command_survives_a_real_shell_with_hostile_values(tmp_path):
+def shell_env(tmp_path, hasher: str) -> dict:
+    """The environment of a node script run here: as is (``openssl`` verifies), or with a PATH
+    of the host's tools minus openssl (``sha256sum`` verifies, as on a busybox-only node)."""
+    env = dict(os.environ)
+    if hasher == "sha256sum":
+        d = tmp_path / "bin-no-openssl"
+        d.mkdir(exist_ok=True)
+        for src in ("/usr/local/bin", "/usr/bin", "/bin"):
+            for name in os.listdir(src) if os.path.isdir(src) else ():
+                if name != "openssl" and not (d / name).exists():
+                    (d / name).symlink_to(os.path.join(src, name))
+        env["PATH"] = str(d)
+    return env
+
+
+@pytest.mark.parametrize("hasher", ["openssl", "sha256sum"])
+def test_fetch_command_survives_a_real_shell_with_hostile_values(tmp_path, hasher):
     """The pull command as sent, in /bin/sh: nothing in the command line is ever run, and a
-    blob whose bytes do not match its name never gets a cache name."""
+    blob whose bytes do not match its name never gets a cache name (verified by openssl where
+    the node has it, else by sha256sum)."""
     from rhaas.core.kexec.commands import Commands
 
     cache = tmp_path / "cache"
@@ -178,7 +195,8 @@ def test_fetch_command_survives_a_real_shell_with_hostile_values(tmp_path):
         sources = [f"{liar.base_url}{PREFIX}{liar.token}", f"{origin.base_url}{PREFIX}{origin.token}"]
         cmd = Commands.fetch_and_load(sha, sha, sha, "ab" * 32, cmdline, False, "t", sources, 10, str(cache))
         stubs = "kexec() { echo kexec-called; }; mv() { command mv \"$@\"; }; "
-        done = subprocess.run(["sh", "-c", stubs + cmd], capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(["sh", "-c", stubs + cmd], capture_output=True, text=True, timeout=60, check=False,
+                              env=shell_env(tmp_path, hasher))
     lines = done.stdout.splitlines()
     assert any(ln.startswith("rhaas:bad 1 sha256 mismatch") for ln in lines), done.stdout
     assert f"rhaas:got {sha} 2" in lines
