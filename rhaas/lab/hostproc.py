@@ -71,6 +71,20 @@ def pid_matches(pid: int | None, marker: str) -> bool:
     return any(marker in arg for arg in pid_cmdline(pid))  # type: ignore[arg-type]
 
 
+def term_then_kill(pid: int, timeout: float = 5.0) -> bool:
+    """SIGTERM ``pid``, SIGKILL it if it still runs after ``timeout`` s, and wait up to 5 s
+    more. True once it is gone. The caller has checked that ``pid`` is the process it means."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.02)
+    return not pid_alive(pid)
+
+
 def kill_pid(pid: int | None, marker: str, timeout: float = 5.0) -> bool:
     """SIGTERM then SIGKILL ``pid``, only if it still matches ``marker``.
 
@@ -79,17 +93,9 @@ def kill_pid(pid: int | None, marker: str, timeout: float = 5.0) -> bool:
     if not pid_matches(pid, marker):
         return False
     assert pid is not None
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                _reap(pid)
-                return True
-            time.sleep(0.02)
-    if pid_alive(pid):
+    if not term_then_kill(pid, timeout):
         raise LabError(f"process {pid} did not die")
+    _reap(pid)
     return True
 
 

@@ -13,12 +13,12 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .hostproc import term_then_kill
 from .vm import LabError, pid_alive, pid_cmdline, proc_list
 
 
@@ -120,14 +120,7 @@ def stop_serve(pid: int | None, home: str | os.PathLike, timeout: float = 5.0) -
         children.pop(pid or -1, None)
         return False
     assert pid is not None
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and pid_alive(pid):
-            time.sleep(0.02)
-        if not pid_alive(pid):
-            break
+    term_then_kill(pid, timeout)
     child = children.pop(pid, None)
     if child is not None:
         with contextlib.suppress(Exception):
