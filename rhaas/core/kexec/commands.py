@@ -23,6 +23,8 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
+from rhaas.model import is_sha256
+
 if TYPE_CHECKING:
     from rhaas.adapters.ssh import Result
     from rhaas.core.kexec.relay import Relay
@@ -48,7 +50,7 @@ class Commands:
 
     @classmethod
     def cache_path(cls, sha256: str, cache: str | None = None) -> str:
-        if not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
+        if not is_sha256(sha256):
             raise ValueError(f"not a sha256 digest: {sha256!r}")
         return f"{check_cache_dir(cache or cls.CACHE_DIR)}/{sha256}"
 
@@ -152,13 +154,17 @@ class Commands:
         stop = f"sh -c {q(STOP_SCRIPT)} rhaas-stop {q(serve.pidfile)} {q(serve.root)}"
         cmd = f"cat {cls.BOOT_ID}; {stop}; echo {cls.STOPPED}"
         if fire:
-            cmd += f" && grep -qx 1 {cls.KEXEC_LOADED} && echo {cls.LOADED} && sh -c {shlex.quote(cls.FIRE)}"
+            cmd += f" && {cls._fire_if_loaded()}"
         return cmd
+
+    @classmethod
+    def _fire_if_loaded(cls) -> str:
+        return f"grep -qx 1 {cls.KEXEC_LOADED} && echo {cls.LOADED} && sh -c {shlex.quote(cls.FIRE)}"
 
     @classmethod
     def fire_loaded(cls) -> str:
         """Read the boot id; jump only if a kernel is loaded (the pipelined ``--exec``)."""
-        return f"cat {cls.BOOT_ID} && grep -qx 1 {cls.KEXEC_LOADED} && echo {cls.LOADED} && sh -c {shlex.quote(cls.FIRE)}"
+        return f"cat {cls.BOOT_ID} && {cls._fire_if_loaded()}"
 
     @classmethod
     def read_boot(cls) -> str:

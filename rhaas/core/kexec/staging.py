@@ -175,13 +175,18 @@ class Staging:
         """A fetch command's answer (``src`` None: the chain brought the blobs)."""
         pull, img = self.ctx.pull, self.ctx.image
         said = parse_fetch(r)
+        _, cached, loaded = Commands.parse_load(r)
+        if said["serving"] and cached and loaded:
+            # a source before the slot it used frees: a node waiting for that slot finds this
+            # peer, not the origin (the other order let the origin send a third image)
+            pull.sources.holds(self.job.index)
         if src is None:
             self.fetched += img.kernel.size + img.initrd.size
             self.transfer = {"path": "chain", "bytes": self.fetched, "source": "chain",
                              "wait_s": round(self.wait_s, 3), "fetch_s": round(self.fetch_s, 3)}
             if said.get("chain_times"):
                 self.transfer["chain_uptimes"] = said["chain_times"]
-            return self._after_fetch(r, said, serve, fire)
+            return self._after_fetch(r, said, cached, loaded, serve, fire)
         if said["client"] in (None, "none") and not said["got"]:
             pull.sources.release(src, ok=True)
             self.dropped.append("no HTTP client on the node" if said["client"] == "none" else f"fetch: {r.why()}")
@@ -195,11 +200,6 @@ class Staging:
             self.dropped.append(f"{pull.label(src)}: {why}")
             self.fetched += got
             return time.monotonic()
-        _, cached, loaded = Commands.parse_load(r)
-        if said["serving"] and cached and loaded:
-            # a source before the slot it used frees: a node waiting for that slot finds this
-            # peer, not the origin (the other order let the origin send a third image)
-            pull.sources.holds(self.job.index)
         pull.sources.release(src, ok=True)
         self.fetched += got
         self.transfer = {
@@ -207,12 +207,11 @@ class Staging:
             "bytes": self.fetched, "source": pull.label(src),
             "wait_s": round(self.wait_s, 3), "fetch_s": round(self.fetch_s, 3),  # fetch_s: fetch+load
         }
-        return self._after_fetch(r, said, serve, fire)
+        return self._after_fetch(r, said, cached, loaded, serve, fire)
 
-    def _after_fetch(self, r, said: dict, serve, fire: bool) -> float | None:
-        pull, job = self.ctx.pull, self.job
+    def _after_fetch(self, r, said: dict, cached: bool, loaded: bool, serve, fire: bool) -> float | None:
+        pull = self.ctx.pull
         self._settle()
-        _, cached, loaded = Commands.parse_load(r)
         if not cached:
             self._close_sess()
             return self._failed(f"cannot build the initrd on the node: {r.why()}")
@@ -227,8 +226,7 @@ class Staging:
             self.serve = serve
             # bounded even if a node never settles (its worker process died)
             self.hold_until = time.monotonic() + self.opts.command_timeout + 2 * pull.fetch_timeout
-            pull.sources.holds(job.index)
-            self._next = self._hold
+            self._next = self._hold  # a source already (_fetched)
             return time.monotonic()
         if serve is not None:  # loaded but could not serve: jump now, as a non-serving node
             return self._release_and_fire(serve)
