@@ -83,6 +83,14 @@ def name_ok(name) -> bool:
     return isinstance(name, str) and len(name) <= NAME_MAX and valid_name(name)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text) -> bool:
+    """True for a blob's name: a sha256 digest as exactly 64 lower-case hex digits."""
+    return isinstance(text, str) and _SHA256.fullmatch(text) is not None
+
+
 def check_name(name: str, what: str = "name") -> str:
     """``name`` if :func:`name_ok`, else a one-line UsageError naming what was refused."""
     if not name_ok(name):

@@ -41,9 +41,9 @@ from typing import Self
 from urllib.parse import urlsplit
 
 from rhaas.errors import RhaasError, UsageError
+from rhaas.model import is_sha256
 
 PREFIX = "/rhaas/v0/blobs/"
-_SHA = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _CHAIN_LOCK = threading.Lock()
 
@@ -121,7 +121,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         token, sha = parts
         if not hmac.compare_digest(token.encode(), self.server.token.encode()):
             return self._refuse(403)
-        blob = self.server.blobs.get(sha) if _SHA.fullmatch(sha) else None
+        blob = self.server.blobs.get(sha) if is_sha256(sha) else None
         if blob is None:
             return self._refuse(404)
         start, end = 0, blob.size - 1
@@ -184,7 +184,7 @@ class BlobServer:
         self.token = secrets.token_urlsafe(24)
         self.blobs: dict[str, Blob] = {}
         for sha, path in files.items():
-            if not _SHA.fullmatch(sha):
+            if not is_sha256(sha):
                 raise ValueError(f"not a sha256 digest: {sha!r}")
             self.blobs[sha] = Blob(path, os.path.getsize(path))
         self.listen = parse_listen(listen)

@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import uuid
 from pathlib import Path
 from typing import BinaryIO
 
 from rhaas.errors import BlockedError, ValidationError
+from rhaas.model import is_sha256
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 # one blob at most this big (a kernel or an initrd); RHAAS_MAX_BLOB overrides it
 MAX_BLOB = int(os.environ.get("RHAAS_MAX_BLOB") or 4 << 30)
 
 
 def check_sha(sha: str) -> str:
-    if not isinstance(sha, str) or not SHA_RE.match(sha):
+    if not is_sha256(sha):
         raise ValidationError(f"not a sha256 digest (64 lower-case hex digits): {str(sha)[:80]!r}")
     return sha
 
