@@ -161,3 +161,21 @@ def test_overlay_reads_back_with_gnu_cpio():
     assert listing.stdout.decode().split() == [
         "root", "root/.ssh", "root/.ssh/authorized_keys", "etc", "etc/dropbear", "etc/dropbear/dropbear_ed25519_host_key",
     ]
+
+
+@pytest.mark.parametrize("digest", ["a" * 64 + "\n", "A" * 64, "a" * 63, "a" * 65, "g" * 64, None, 64])
+def test_a_blob_name_is_exactly_64_lower_case_hex_digits(digest):
+    """The blob store, the blob server and node cache paths share one digest check: a trailing
+    newline (which '^...$' with match() let through) is refused like any other bad name."""
+    from rhaas.core.blobstore import check_sha
+    from rhaas.core.kexec.commands import Commands
+    from rhaas.errors import ValidationError
+    from rhaas.model import is_sha256
+
+    assert not is_sha256(digest)
+    with pytest.raises(ValidationError):
+        check_sha(digest)
+    if isinstance(digest, str):
+        with pytest.raises(ValueError):
+            Commands.cache_path(digest)
+    assert is_sha256("0123456789abcdef" * 4)
